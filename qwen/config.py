@@ -1,0 +1,67 @@
+"""QWenConfig: the fields and defaults of the original Qwen v1 configuration class."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedConfig
+
+
+class QWenConfig(PreTrainedConfig):
+    """Configuration of a Qwen v1 model (``model_type: "qwen"`` in an original config.json).
+
+    Defaults are those of the original class (the 7B shape). ``seq_length`` is the training
+    context (8192, 32768 for 72B); dynamic NTK and logn scaling start beyond it. The original
+    ``bf16``/``fp16``/``fp32`` flags pick the load dtype when none is given (see ``flag_dtype``).
+    """
+
+    model_type = "qwen"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    vocab_size: int = 151936
+    hidden_size: int = 4096
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    kv_channels: int = 128
+    intermediate_size: int = 22016
+    emb_dropout_prob: float = 0.0
+    attn_dropout_prob: float = 0.0
+    layer_norm_epsilon: float = 1e-6
+    initializer_range: float = 0.02
+    max_position_embeddings: int = 8192
+    seq_length: int = 8192
+    scale_attn_weights: bool = True
+    use_cache: bool = True
+    bf16: bool = False
+    fp16: bool = False
+    fp32: bool = False
+    rotary_pct: float = 1.0
+    rotary_emb_base: float = 10000
+    use_dynamic_ntk: bool = True
+    use_logn_attn: bool = True
+    use_flash_attn: bool | str = "auto"
+    no_bias: bool = True
+    tie_word_embeddings: bool = False
+    use_cache_quantization: bool = False
+    use_cache_kernel: bool = False
+    softmax_in_fp32: bool = False
+
+    def __post_init__(self, **kwargs) -> None:
+        if sum(bool(f) for f in (self.bf16, self.fp16, self.fp32)) > 1:
+            raise ValueError("At most one of bf16, fp16 and fp32 may be true in a Qwen config.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
+                f"{self.num_attention_heads}."
+            )
+        super().__post_init__(**kwargs)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def flag_dtype(self) -> torch.dtype | None:
+        """The dtype the original ``bf16``/``fp16``/``fp32`` flags ask for, or None if none is set."""
+        for flag, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16), ("fp32", torch.float32)):
+            if getattr(self, flag):
+                return dtype
+        return None
