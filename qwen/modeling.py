@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import functools
 import math
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from . import chat as chat_utils
 from .config import QWenConfig
 from .kv_cache import Int8KVCache
 
@@ -268,6 +270,8 @@ class QWenPreTrainedModel(PreTrainedModel):
                 f"(e.g. {missing[:3]}): the checkpoint is incomplete or belongs to another model size; "
                 f"re-download the weight files or fix config.json."
             )
+        if not (Path(str(pretrained_model_name_or_path)) / "generation_config.json").is_file():
+            model.generation_config = GenerationConfig(**chat_utils.CHAT_GENERATION_DEFAULTS)
         return (model, info) if want_info else model
 
 
@@ -421,3 +425,15 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if self.config.use_cache_quantization and model_kwargs.get("cache") is None and generation_config.use_cache:
             model_kwargs["cache"] = Int8KVCache(self.config.num_hidden_layers)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def chat(self, tokenizer, query: str, history=None, system: str = chat_utils.DEFAULT_SYSTEM,
+             stop_words_ids=None, generation_config=None, **kwargs):
+        """One chat turn, as the original ``model.chat``: returns ``(response, new_history)``."""
+        return chat_utils.chat(self, tokenizer, query, history, system, stop_words_ids, generation_config, **kwargs)
+
+    def chat_stream(self, tokenizer, query: str, history=None, system: str = chat_utils.DEFAULT_SYSTEM,
+                    stop_words_ids=None, generation_config=None, **kwargs):
+        """Yield the growing response text of one chat turn, as the original ``model.chat_stream``."""
+        return chat_utils.chat_stream(
+            self, tokenizer, query, history, system, stop_words_ids, generation_config, **kwargs
+        )

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .chat import BASE_GENERATION_DEFAULTS, CHAT_GENERATION_DEFAULTS
 from .tokenizer import BUNDLED_VOCAB, VOCAB_FILE
 
 REMOTE_CODE_FILES = (
@@ -32,30 +33,6 @@ REMOTE_CODE_STUB = (
     "raise ImportError('This stand-in for the original Qwen remote code was executed: '\n"
     "                  'the qwen package must never run a checkpoint folder\\'s own code.')\n"
 )
-
-CHAT_GENERATION_CONFIG = {
-    "chat_format": "chatml",
-    "eos_token_id": 151643,
-    "pad_token_id": 151643,
-    "max_window_size": 6144,
-    "max_new_tokens": 512,
-    "do_sample": True,
-    "top_k": 0,
-    "top_p": 0.8,
-    "repetition_penalty": 1.1,
-}
-BASE_GENERATION_CONFIG = {
-    "chat_format": "raw",
-    "eos_token_id": 151643,
-    "pad_token_id": 151643,
-    "stop_words_ids": [[151643]],
-    "max_window_size": 6144,
-    "max_new_tokens": 512,
-    "do_sample": True,
-    "top_k": 0,
-    "top_p": 0.8,
-}
-
 
 def original_config(
     layers: int, hidden: int, heads: int, intermediate: int, vocab: int, seq_length: int, **overrides
@@ -188,7 +165,7 @@ def make_tiny_checkpoint(
         config["fp16"] = True
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_weights(random_weights(config, seed, dtype), out, shards, legacy_bin)
-    generation = CHAT_GENERATION_CONFIG if chat else BASE_GENERATION_CONFIG
+    generation = CHAT_GENERATION_DEFAULTS if chat else BASE_GENERATION_DEFAULTS
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     tokenizer_config = {
         "model_max_length": seq_length,
