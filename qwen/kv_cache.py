@@ -94,3 +94,72 @@ class Int8KVCache(Cache):
 
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
+
+
+class SlotKVCache:
+    """The engine's preallocated cache: one row ("slot") per running sequence, each with its own length.
+
+    Keys/values live in [slots, heads, capacity, head_dim] tensors per layer. Running sequences
+    always occupy slots 0..n-1, so a decode step reads plain views (no gather of the cache).
+    Capacity grows by doubling up to ``max_len``, so memory follows the longest sequence rather
+    than the model's maximum. Before each forward the engine calls ``begin`` to say which slots
+    the batch covers and where each row writes; the model's attention then calls ``update`` as it
+    does on any transformers cache.
+    """
+
+    def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, max_len: int,
+                 dtype: torch.dtype, device: torch.device, initial: int = 256) -> None:
+        self.max_len = max_len
+        self.capacity = min(initial, max_len)
+        shape = (slots, heads, self.capacity, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self._rows = slice(0, 0)
+        self._starts: torch.Tensor | None = None
+        self._kv_len = 0
+        self._q_len = 0
+
+    def ensure_capacity(self, length: int) -> None:
+        if length > self.max_len:
+            raise ValueError(f"sequence of {length} tokens exceeds the engine's max_model_len {self.max_len}")
+        if length <= self.capacity:
+            return
+        new = self.capacity
+        while new < length:
+            new *= 2
+        new = min(new, self.max_len)
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                grown = t.new_zeros(*t.shape[:2], new, t.shape[3])
+                grown[:, :, : self.capacity] = t
+                store[i] = grown
+        self.capacity = new
+
+    def begin(self, rows: slice, starts: torch.Tensor | None, q_len: int, kv_len: int) -> None:
+        """Next forward covers slots ``rows``; with ``starts`` [n] each row writes one token at its
+        own position (decode), without it all rows write ``q_len`` tokens from 0 (prefill)."""
+        self.ensure_capacity(kv_len)
+        self._rows, self._starts, self._q_len, self._kv_len = rows, starts, q_len, kv_len
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self._kv_len - self._q_len
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        k, v = self.keys[layer_idx], self.values[layer_idx]
+        if self._starts is None:
+            k[self._rows, :, : self._q_len] = key_states
+            v[self._rows, :, : self._q_len] = value_states
+        else:
+            idx = torch.arange(self._rows.start, self._rows.stop, device=k.device)
+            k[idx, :, self._starts] = key_states[:, :, 0]
+            v[idx, :, self._starts] = value_states[:, :, 0]
+        return k[self._rows, :, : self._kv_len], v[self._rows, :, : self._kv_len]
+
+    def move(self, src: int, dst: int) -> None:
+        """Copy slot ``src`` into ``dst`` (the engine keeps running sequences in slots 0..n-1)."""
+        for store in (self.keys, self.values):
+            for t in store:
+                t[dst] = t[src]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -1,0 +1,301 @@
+"""The inference engine: continuous batching over a preallocated per-slot KV cache.
+
+Requests join a running batch between decode steps and leave it as soon as they finish or are
+cancelled, so many users share each forward pass. Each step (1) frees finished slots and keeps the
+running sequences packed in slots 0..n-1, (2) prefills newly admitted prompts in one right-padded
+batch, (3) decodes one token for every running sequence in one batch. The forward pass is the
+model's own (``QWenModel`` with its attention function); the engine only supplies positions, masks,
+the per-sequence dynamic-NTK alpha fixed at prefill, and its slot cache. Token selection runs on
+the device; the one host sync per step reads the new token of every sequence at once.
+
+Use it synchronously (``Engine.generate``) or from other threads/async code (``start()`` then
+``submit``/``stream``), as the server does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from .chat import cut_text, stable_text
+from .kv_cache import SlotKVCache
+from .modeling import QWenLMHeadModel, ntk_alpha
+from .sampling import SamplingParams, TokenStats, select_tokens
+
+
+@dataclass
+class Sequence:
+    """One request as it runs: prompt, settings, and what was generated so far."""
+
+    prompt_ids: list[int]
+    params: SamplingParams
+    on_event: Callable[[Sequence, str, bool], None] | None = None
+    id: int = field(default_factory=itertools.count().__next__)
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    emitted: int = 0  # characters of text already handed to on_event
+    logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error: ..."
+    cancelled: bool = False
+    slot: int = -1
+    generator: torch.Generator | None = None
+    first_token_time: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+
+class Engine:
+    """Batched generation for a ``QWenLMHeadModel``.
+
+    ``max_batch_size`` sequences run at once (more wait in a queue); ``max_model_len`` bounds prompt
+    plus output (default: the model's ``seq_length``). The KV cache grows with the longest running
+    sequence up to that bound.
+    """
+
+    def __init__(
+        self, model: QWenLMHeadModel, tokenizer, max_batch_size: int = 8, max_model_len: int | None = None
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        config = model.config
+        self.config = config
+        self.max_batch_size = max_batch_size
+        self.max_model_len = max_model_len or config.seq_length
+        self.device = model.device
+        dtype = model.transformer.wte.weight.dtype
+        self.cache = SlotKVCache(
+            config.num_hidden_layers, max_batch_size, config.num_attention_heads, config.head_dim,
+            self.max_model_len, dtype, self.device,
+        )
+        self.stats = TokenStats(max_batch_size, config.vocab_size, self.device)
+        self.alpha = torch.ones(max_batch_size, dtype=torch.float64, device=self.device)
+        self.next_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
+        self.running: list[Sequence] = []  # running[i] occupies slot i
+        self.waiting: deque[Sequence] = deque()
+        self._lock = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+
+    # ----- submitting -----------------------------------------------------------------------------
+    def submit(
+        self, prompt_ids: list[int], params: SamplingParams, on_event: Callable | None = None
+    ) -> Sequence:
+        """Queue a request; ``on_event(seq, new_text, finished)`` is called from the engine thread."""
+        params.validate()
+        if not prompt_ids:
+            raise ValueError("the prompt is empty")
+        if len(prompt_ids) >= self.max_model_len:
+            raise ValueError(
+                f"the prompt has {len(prompt_ids)} tokens but the model's context is {self.max_model_len}; "
+                "shorten it or start the engine with a larger max_model_len"
+            )
+        seq = Sequence(list(prompt_ids), params, on_event)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        with self._lock:
+            self.waiting.append(seq)
+            self._lock.notify()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a request; its slot is freed before the next step."""
+        seq.cancelled = True
+        with self._lock:
+            self._lock.notify()
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
+        """Run prompts to completion in this thread (the engine must not be started)."""
+        if self._thread is not None:
+            raise RuntimeError("the engine runs in its own thread; use submit() or stream()")
+        settings = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.submit(p, s) for p, s in zip(prompts, settings, strict=True)]
+        while self.step():
+            pass
+        return seqs
+
+    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[tuple[Sequence, str]]:
+        """Async iterator of (sequence, new text) for a started engine; leaving it early cancels."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def on_event(seq: Sequence, text: str, finished: bool) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, (seq, text, finished))
+
+        seq = self.submit(prompt_ids, params, on_event)
+        try:
+            while True:
+                seq, text, finished = await queue.get()
+                yield seq, text
+                if finished:
+                    return
+        finally:
+            if not seq.done:
+                self.cancel(seq)
+
+    # ----- background thread ----------------------------------------------------------------------
+    def start(self) -> Engine:
+        """Run steps in a daemon thread whenever there is work."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopping = True
+            self._lock.notify()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not (self._stopping or self.waiting or self.running):
+                    self._lock.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception as exc:  # a broken step fails its requests, never the engine
+                for seq in self.running + list(self.waiting):
+                    self._finish(seq, f"error: {exc}")
+                self.running, self.waiting = [], deque()
+
+    # ----- one scheduler iteration ----------------------------------------------------------------
+    @torch.inference_mode()
+    def step(self) -> bool:
+        """Free, admit and prefill, decode. Returns whether work remains."""
+        self._release([s for s in self.running if s.cancelled or s.done])
+        with self._lock:
+            for seq in [s for s in self.waiting if s.cancelled]:
+                self.waiting.remove(seq)
+                self._finish(seq, "cancelled")
+            admitted = []
+            while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+                admitted.append(self.waiting.popleft())
+        if admitted:
+            self._prefill(admitted)
+            self._release([s for s in self.running if s.done])
+        if self.running:
+            self._decode()
+        self._release([s for s in self.running if s.done])
+        return bool(self.running or self.waiting)
+
+    def _release(self, leaving: list[Sequence]) -> None:
+        """Remove sequences and move the last running ones into their slots."""
+        for seq in leaving:
+            if not seq.done:
+                self._finish(seq, "cancelled")
+            last = self.running.pop()
+            if last is not seq:
+                slot = seq.slot
+                self.cache.move(last.slot, slot)
+                self.stats.move(last.slot, slot)
+                self.alpha[slot] = self.alpha[last.slot]
+                self.next_tokens[slot] = self.next_tokens[last.slot]
+                last.slot = slot
+                self.running[slot] = last
+
+    def _prefill(self, seqs: list[Sequence]) -> None:
+        first = len(self.running)
+        for i, seq in enumerate(seqs):
+            seq.slot = first + i
+            self.running.append(seq)
+        rows = slice(first, first + len(seqs))
+        lengths = [len(s.prompt_ids) for s in seqs]
+        width = max(lengths)
+        ids = torch.tensor([s.prompt_ids + [0] * (width - len(s.prompt_ids)) for s in seqs], device=self.device)
+        lens = torch.tensor(lengths, device=self.device)
+        if self.config.use_dynamic_ntk:
+            self.alpha[rows] = ntk_alpha(lens, self.config.seq_length)
+        for seq in seqs:
+            self.stats.reset(seq.slot, torch.tensor(seq.prompt_ids, device=self.device))
+        # Right padding: every real query sees only real keys under the causal mask.
+        self.cache.begin(rows, None, width, width)
+        positions = torch.arange(width, device=self.device)[None].expand(len(seqs), -1)
+        hidden = self.model.transformer(
+            input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True, ntk_alpha_override=self.alpha[rows]
+        ).last_hidden_state
+        last = hidden[torch.arange(len(seqs), device=self.device), lens - 1]
+        self._sample(seqs, rows, self.model.lm_head(last))
+
+    def _decode(self) -> None:
+        n = len(self.running)
+        rows = slice(0, n)
+        positions = [len(s.prompt_ids) + len(s.output_ids) - 1 for s in self.running]
+        kv_len = max(positions) + 1
+        starts = torch.tensor(positions, device=self.device)
+        mask = None
+        if min(positions) != kv_len - 1:  # rows of different lengths: hide each row's unused tail
+            mask = (torch.arange(kv_len, device=self.device)[None] <= starts[:, None])[:, None, None, :]
+        self.cache.begin(rows, starts, 1, kv_len)
+        hidden = self.model.transformer(
+            input_ids=self.next_tokens[rows, None],
+            position_ids=starts[:, None],
+            attention_mask=mask,
+            cache=self.cache,
+            use_cache=True,
+            ntk_alpha_override=self.alpha[rows],
+        ).last_hidden_state
+        self._sample(self.running, rows, self.model.lm_head(hidden[:, -1]))
+
+    def _sample(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> None:
+        params = [s.params for s in seqs]
+        tokens, logprobs = select_tokens(logits, params, self.stats, rows, [s.generator for s in seqs])
+        self.stats.add(rows, tokens)
+        self.next_tokens[rows] = tokens
+        want_logprobs = [s.params.logprobs is not None for s in seqs]
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist() if any(want_logprobs) else None
+        top = None
+        if any(want_logprobs):
+            k = max(s.params.logprobs or 0 for s in seqs)
+            top = torch.topk(logprobs, k, dim=-1) if k else None
+        now = time.perf_counter()
+        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            self._advance(seq, token, chosen[i] if chosen else 0.0, top, i)
+
+    def _advance(self, seq: Sequence, token: int, logprob: float, top, row: int) -> None:
+        params = seq.params
+        if token in params.stop_token_ids:
+            self._finish(seq, "stop")
+            return
+        seq.output_ids.append(token)
+        if params.logprobs is not None:
+            alts = []
+            if top is not None and params.logprobs:
+                alts = list(zip(top.indices[row, : params.logprobs].tolist(),
+                                top.values[row, : params.logprobs].tolist(), strict=True))
+            seq.logprobs.append((token, logprob, alts))
+        text, stopped = cut_text(self.tokenizer.decode(seq.output_ids), params.stop)
+        seq.text = text
+        if stopped:
+            self._finish(seq, "stop")
+        elif len(seq.output_ids) >= params.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= (
+            self.max_model_len
+        ):
+            self._finish(seq, "length")
+        else:
+            self._emit(seq, stable_text(seq.text, params.stop), False)
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.finish_reason = reason
+        self._emit(seq, seq.text, True)
+
+    def _emit(self, seq: Sequence, visible: str, finished: bool) -> None:
+        new = visible[seq.emitted :] if len(visible) > seq.emitted else ""
+        seq.emitted = max(seq.emitted, len(visible))
+        if seq.on_event is not None and (new or finished):
+            seq.on_event(seq, new, finished)

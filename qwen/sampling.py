@@ -1,0 +1,129 @@
+"""Per-row token selection for batched decoding, on the device of the logits.
+
+Every row carries its own settings (greedy or sampled, temperature, top-k, top-p, penalties, seed),
+so requests with different settings share one forward pass. The order of the logits processors is
+that of transformers' ``generate()`` (repetition penalty, then temperature, top-k, top-p), so a
+request's greedy output equals ``model.generate``'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class SamplingParams:
+    """Settings of one request. ``temperature == 0`` or ``do_sample=False`` means greedy."""
+
+    max_new_tokens: int = 512
+    do_sample: bool = True
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None  # None: no logprobs; N >= 0: the chosen token's plus the top N
+
+    @property
+    def greedy(self) -> bool:
+        return not self.do_sample or self.temperature <= 0
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad setting (the server turns it into a 400)."""
+        checks = [
+            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.temperature >= 0, "temperature must be >= 0"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+            (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(message)
+
+
+class TokenStats:
+    """Per-slot token bookkeeping for penalties: which ids were seen (prompt and output) and how
+    often each was generated. Lives on the device; rows are engine slots."""
+
+    def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
+        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
+        self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
+
+    def reset(self, slot: int, prompt: torch.Tensor) -> None:
+        self.seen[slot].zero_()
+        self.counts[slot].zero_()
+        self.seen[slot, prompt] = True
+
+    def add(self, rows: slice, tokens: torch.Tensor) -> None:
+        idx = torch.arange(rows.start, rows.stop, device=tokens.device)
+        self.seen[idx, tokens] = True
+        self.counts[idx, tokens] += 1
+
+    def move(self, src: int, dst: int) -> None:
+        self.seen[dst] = self.seen[src]
+        self.counts[dst] = self.counts[src]
+
+
+def _column(values: list[float], logits: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=logits.device)[:, None]
+
+
+def select_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    stats: TokenStats,
+    rows: slice,
+    generators: list[torch.Generator | None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick one token per row of ``logits`` [n, V]; the rows are the engine slots ``rows``.
+
+    Returns the tokens [n] and the log-probabilities [n, V] of the distribution they were drawn
+    from (after penalties and temperature, before top-k/top-p), for logprobs reporting.
+    """
+    logits = logits.float()
+    if any(p.repetition_penalty != 1.0 for p in params):
+        penalty = _column([p.repetition_penalty for p in params], logits)
+        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
+        logits = torch.where(stats.seen[rows], penalized, logits)
+    if any(p.presence_penalty or p.frequency_penalty for p in params):
+        counts = stats.counts[rows].float()
+        logits = logits - _column([p.presence_penalty for p in params], logits) * (counts > 0)
+        logits = logits - _column([p.frequency_penalty for p in params], logits) * counts
+    greedy_tokens = logits.argmax(dim=-1)
+    temperature = _column([1.0 if p.greedy else p.temperature for p in params], logits)
+    logits = logits / temperature
+    logprobs = torch.log_softmax(logits, dim=-1)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if not sampled:
+        return greedy_tokens, logprobs
+    picked_rows = torch.tensor(sampled, device=logits.device)
+    sub = logits[picked_rows]
+    top_k = [params[i].top_k for i in sampled]
+    top_p = [params[i].top_p for i in sampled]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
+        sorted_logits, order = sub.sort(dim=-1, descending=True)
+        ranks = torch.arange(sub.shape[-1], device=sub.device)[None]
+        k = torch.tensor([k if k > 0 else sub.shape[-1] for k in top_k], device=sub.device)[:, None]
+        drop = ranks >= k
+        probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (always at least the first token).
+        drop |= (probs.cumsum(dim=-1) - probs) >= _column(top_p, sub)
+        sub = torch.full_like(sub, float("-inf")).scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = sub.softmax(dim=-1)
+    # Exponential-race sampling (argmax of p / E, E ~ Exp(1)) needs no host sync; each seeded
+    # request draws from its own generator, so its output does not depend on its batch mates.
+    noise = torch.stack([
+        torch.empty_like(probs[j]).exponential_(generator=generators[i]) for j, i in enumerate(sampled)
+    ])
+    picked = (probs / noise).argmax(dim=-1)
+    return greedy_tokens.index_copy(0, picked_rows, picked), logprobs
