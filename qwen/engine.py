@@ -252,14 +252,14 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]
-        tokens, logprobs = select_tokens(logits, params, self.stats, rows, [s.generator for s in seqs])
+        want = any(p.logprobs is not None for p in params)
+        tokens, logprobs = select_tokens(logits, params, self.stats, rows, [s.generator for s in seqs], want)
         self.stats.add(rows, tokens)
         self.next_tokens[rows] = tokens
-        want_logprobs = [s.params.logprobs is not None for s in seqs]
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist() if any(want_logprobs) else None
-        top = None
-        if any(want_logprobs):
-            k = max(s.params.logprobs or 0 for s in seqs)
+        chosen = top = None
+        if want:
+            chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            k = max(p.logprobs or 0 for p in params)
             top = torch.topk(logprobs, k, dim=-1) if k else None
         now = time.perf_counter()
         for i, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):

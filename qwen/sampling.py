@@ -84,11 +84,12 @@ def select_tokens(
     stats: TokenStats,
     rows: slice,
     generators: list[torch.Generator | None],
-) -> tuple[torch.Tensor, torch.Tensor]:
+    want_logprobs: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one token per row of ``logits`` [n, V]; the rows are the engine slots ``rows``.
 
-    Returns the tokens [n] and the log-probabilities [n, V] of the distribution they were drawn
-    from (after penalties and temperature, before top-k/top-p), for logprobs reporting.
+    Returns the tokens [n] and, if ``want_logprobs``, the log-probabilities [n, V] of the
+    distribution they were drawn from (after penalties and temperature, before top-k/top-p).
     """
     logits = logits.float()
     if any(p.repetition_penalty != 1.0 for p in params):
@@ -100,10 +101,10 @@ def select_tokens(
         logits = logits - _column([p.presence_penalty for p in params], logits) * (counts > 0)
         logits = logits - _column([p.frequency_penalty for p in params], logits) * counts
     greedy_tokens = logits.argmax(dim=-1)
-    temperature = _column([1.0 if p.greedy else p.temperature for p in params], logits)
-    logits = logits / temperature
-    logprobs = torch.log_softmax(logits, dim=-1)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        logits = logits / _column([1.0 if p.greedy else p.temperature for p in params], logits)
+    logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if not sampled:
         return greedy_tokens, logprobs
     picked_rows = torch.tensor(sampled, device=logits.device)

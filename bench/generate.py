@@ -1,0 +1,175 @@
+"""Generation speed and memory: our engine vs ``generate()`` of our model vs transformers' Qwen2.
+
+    python bench/generate.py                 # Qwen-1.8B shape (random bf16 weights) + tiny checkpoint
+    python bench/generate.py --shape tiny    # only the tiny checkpoint (seconds)
+
+All runners share one set of weights (Qwen2 gets views of ours) and run in one process, so their
+ratios are comparable even though absolute timings drift between runs. Decode tokens/s is
+measured as extra tokens over extra time (a run of 1 + N tokens minus a run of 1 token, same
+prompt), so prompt processing is excluded; prefill tokens/s is the prompt length over the time to
+the first token. The memory-bandwidth ceiling is weight bytes / measured copy bandwidth (bytes read
+per second by a large tensor copy): batch-1 decode reads every weight once per token.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+
+import qwen  # noqa: F401
+from qwen.config import QWenConfig
+from qwen.convert import to_qwen2
+from qwen.engine import Engine
+from qwen.modeling import QWenLMHeadModel
+from qwen.quantize import quantize_int8_
+from qwen.sampling import SamplingParams
+from qwen.tiny import make_tiny_checkpoint
+from qwen.tokenizer import QWenTokenizer
+
+SHAPES = {
+    "1.8b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=11008),
+}
+
+
+class PeakRSS:
+    """Highest resident memory of this process while the block runs (sampled every 5 ms)."""
+
+    def __enter__(self) -> PeakRSS:
+        self.peak, self._stop = self.rss(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @staticmethod
+    def rss() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, self.rss())
+
+
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    src = torch.empty(nbytes, dtype=torch.uint8).fill_(1)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        t = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t)
+    return nbytes / best
+
+
+def timed(fn: Callable[[], object]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def hf_runner(model) -> Callable[[torch.Tensor, int], object]:
+    def run(prompts: torch.Tensor, new: int) -> object:
+        with torch.inference_mode():
+            return model.generate(
+                prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=new, min_new_tokens=new,
+                do_sample=False, repetition_penalty=1.0, eos_token_id=None, pad_token_id=0,
+            )
+    return run
+
+
+def engine_runner(engine: Engine) -> Callable[[torch.Tensor, int], object]:
+    def run(prompts: torch.Tensor, new: int) -> object:
+        return engine.generate(prompts.tolist(), SamplingParams(max_new_tokens=new, do_sample=False))
+    return run
+
+
+def measure(name: str, run, prompt_len: int, prefill_len: int, new_tokens: int) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    row = {"runner": name}
+    for batch in (1, 8):
+        prompts = torch.randint(0, 150000, (batch, prompt_len), generator=gen)
+        run(prompts, 2)  # warm-up
+        with PeakRSS() as mem:
+            first = min(timed(lambda p=prompts: run(p, 1)) for _ in range(2))
+            full = timed(lambda p=prompts: run(p, 1 + new_tokens))
+        row[f"decode b{batch} tok/s"] = batch * new_tokens / max(full - first, 1e-9)
+        row["peak RSS GiB"] = max(row.get("peak RSS GiB", 0), mem.peak / 2**30)
+    long_prompt = torch.randint(0, 150000, (1, prefill_len), generator=gen)
+    row["prefill tok/s"] = prefill_len / timed(lambda: run(long_prompt, 1))
+    return row
+
+
+def build_model(shape: str, dtype: torch.dtype, tmp: str) -> QWenLMHeadModel:
+    if shape == "tiny":
+        path = make_tiny_checkpoint(os.path.join(tmp, "tiny"))
+        return QWenLMHeadModel.from_pretrained(path, dtype=dtype).eval()
+    config = QWenConfig(**SHAPES[shape])
+    with torch.device("meta"):
+        model = QWenLMHeadModel(config)
+    model = model.to_empty(device="cpu").to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "ln" in name else 0.0, 0.1 if "ln" in name else 0.02)
+    return model.eval()
+
+
+def bench(shape: str, dtype: torch.dtype, new_tokens: int, prefill_len: int, bandwidth: float) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        model = build_model(shape, dtype, tmp)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    tokenizer = QWenTokenizer()
+    engine = Engine(model, tokenizer, max_batch_size=8, max_model_len=max(prefill_len, 64) + new_tokens + 8)
+    rows = [
+        measure("qwen engine", engine_runner(engine), 32, prefill_len, new_tokens),
+        measure("qwen model.generate", hf_runner(model), 32, prefill_len, new_tokens),
+        measure("transformers Qwen2", hf_runner(to_qwen2(model)), 32, prefill_len, new_tokens),
+    ]
+    quantize_int8_(model)
+    int8_bytes = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+    engine = Engine(model, tokenizer, max_batch_size=8, max_model_len=max(prefill_len, 64) + new_tokens + 8)
+    rows.append(measure("qwen engine int8", engine_runner(engine), 32, prefill_len, new_tokens))
+
+    ceiling = bandwidth / weight_bytes
+    reference = rows[2]["decode b1 tok/s"]
+    print(f"\n### {shape} shape, {str(dtype).removeprefix('torch.')}, {weight_bytes / 2**30:.2f} GiB of weights "
+          f"({int8_bytes / 2**30:.2f} GiB as int8), {torch.get_num_threads()} threads\n")
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s -> batch-1 decode ceiling {ceiling:.2f} tok/s "
+          f"({bandwidth / int8_bytes:.2f} tok/s for int8 weights)\n")
+    cols = ["runner", "decode b1 tok/s", "% of ceiling", "vs Qwen2 b1", "decode b8 tok/s", "b8/b1",
+            "prefill tok/s", "peak RSS GiB"]
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---|" * len(cols))
+    for row in rows:
+        b1 = row["decode b1 tok/s"]
+        row["% of ceiling"] = 100 * b1 / (bandwidth / int8_bytes if "int8" in row["runner"] else ceiling)
+        row["vs Qwen2 b1"] = b1 / reference
+        row["b8/b1"] = row["decode b8 tok/s"] / b1
+        print("| " + " | ".join(row[c] if isinstance(row[c], str) else f"{row[c]:.2f}" for c in cols) + " |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=["all", "tiny", "1.8b"], default="all")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prefill", type=int, default=1024, help="prompt length for the prefill measurement")
+    args = parser.parse_args()
+    bandwidth = copy_bandwidth()
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
+    if args.shape in ("all", "tiny"):
+        bench("tiny", torch.float32, 64, args.prefill, bandwidth)
+    if args.shape in ("all", "1.8b"):
+        bench("1.8b", torch.bfloat16, args.new_tokens, args.prefill, bandwidth)
+
+
+if __name__ == "__main__":
+    main()
