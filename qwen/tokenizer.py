@@ -36,6 +36,7 @@ ENDOFTEXT = "<|endoftext|>"
 IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END) + tuple(f"<|extra_{i}|>" for i in range(205))
+SPECIAL_START_ID = 151643  # ids of the special tokens start here, whatever the vocabulary file holds
 
 
 class VocabFileError(ValueError):
@@ -51,6 +52,7 @@ def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
             f"copy it there, or leave vocab_file unset to use the copy shipped with the qwen package."
         )
     ranks: dict[bytes, int] = {}
+    seen_ranks: set[int] = set()
     with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -59,7 +61,12 @@ def load_tiktoken_ranks(path: str | os.PathLike) -> dict[bytes, int]:
             try:
                 if len(parts) != 2:
                     raise ValueError
-                ranks[base64.b64decode(parts[0], validate=True)] = int(parts[1])
+                token, rank = base64.b64decode(parts[0], validate=True), int(parts[1])
+                # tiktoken panics (uncatchable) or overflows on duplicates and out-of-range ranks.
+                if not 0 <= rank < 2**32 or rank in seen_ranks or token in ranks:
+                    raise ValueError
+                ranks[token] = rank
+                seen_ranks.add(rank)
             except (ValueError, binascii.Error):
                 raise VocabFileError(
                     f"{path} line {lineno} is not '<base64 token> <rank>': {line[:80]!r}. The file is "
@@ -97,7 +104,12 @@ class QWenTokenizer(PreTrainedTokenizer):
     ) -> None:
         self.errors = errors
         self.base_ranks = load_tiktoken_ranks(vocab_file or BUNDLED_VOCAB)
-        self.special_tokens = {tok: i for i, tok in enumerate(SPECIAL_TOKENS, start=len(self.base_ranks))}
+        if max(self.base_ranks.values()) >= SPECIAL_START_ID:
+            raise VocabFileError(
+                f"{vocab_file or BUNDLED_VOCAB} has ranks >= {SPECIAL_START_ID}, where Qwen's special tokens "
+                f"live: it is not the Qwen vocabulary. Use the original {VOCAB_FILE}."
+            )
+        self.special_tokens = {tok: i for i, tok in enumerate(SPECIAL_TOKENS, start=SPECIAL_START_ID)}
         self.extra_ranks = self._usable_extra_ranks(extra_vocab_file) if extra_vocab_file else {}
         self.mergeable_ranks = {**self.base_ranks, **self.extra_ranks}
         self.tokenizer = tiktoken.Encoding(
@@ -152,6 +164,8 @@ class QWenTokenizer(PreTrainedTokenizer):
         disallowed_special: Collection[str] | str = (),
     ) -> list[int]:
         text = unicodedata.normalize("NFC", text)
+        if "<|" not in text:  # no special-token text possible: skip handing the special set to Rust
+            return self.tokenizer.encode_ordinary(text)
         return self.tokenizer.encode(text, allowed_special=allowed_special, disallowed_special=disallowed_special)
 
     def tokenize(
