@@ -55,6 +55,17 @@ class QWenConfig(PreTrainedConfig):
             )
         super().__post_init__(**kwargs)
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """Refuse the config.json of another architecture instead of half-loading it."""
+        model_type = config_dict.get("model_type")
+        if model_type not in (None, cls.model_type):
+            raise ValueError(
+                f"config.json says model_type {model_type!r}: this is not a Qwen v1 checkpoint (model_type "
+                f"'qwen'). Load it with AutoModelForCausalLM or its own model class."
+            )
+        return super().from_dict(config_dict, **kwargs)
+
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads

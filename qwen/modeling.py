@@ -254,10 +254,9 @@ class QWenPreTrainedModel(PreTrainedModel):
         another architecture is refused, and missing weights are an error rather than random init."""
         config = kwargs.get("config")
         if not isinstance(config, QWenConfig):
-            config_kwargs = {k: kwargs.pop(k) for k in ("bf16", "fp16", "fp32") if k in kwargs}
-            config, _ = QWenConfig.from_pretrained(
-                pretrained_model_name_or_path, return_unused_kwargs=True, **config_kwargs
-            )
+            # Config fields given as arguments (bf16=True, use_cache_quantization=True, ...) override config.json.
+            overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in QWenConfig.__annotations__}
+            config = QWenConfig.from_pretrained(pretrained_model_name_or_path, **overrides)
             kwargs["config"] = config
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = config.flag_dtype() or _default_dtype()
