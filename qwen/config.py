@@ -44,6 +44,10 @@ class QWenConfig(PreTrainedConfig):
     use_cache_quantization: bool = False
     use_cache_kernel: bool = False
     softmax_in_fp32: bool = False
+    # transformers 5 no longer declares these on the base config; the original README passes pad_token_id.
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | None = None
 
     def __post_init__(self, **kwargs) -> None:
         if sum(bool(f) for f in (self.bf16, self.fp16, self.fp32)) > 1:
