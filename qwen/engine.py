@@ -124,22 +124,33 @@ class Engine:
 
     async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[tuple[Sequence, str]]:
         """Async iterator of (sequence, new text) for a started engine; leaving it early cancels."""
+        async for _, seq, text, _ in self.stream_many([(prompt_ids, params)]):
+            yield seq, text
+
+    async def stream_many(
+        self, requests: list[tuple[list[int], SamplingParams]]
+    ) -> AsyncIterator[tuple[int, Sequence, str, bool]]:
+        """Run several requests at once on a started engine; yields (index, sequence, new text,
+        finished) as they progress. Leaving the iterator early cancels the unfinished ones."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
-
-        def on_event(seq: Sequence, text: str, finished: bool) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, (seq, text, finished))
-
-        seq = self.submit(prompt_ids, params, on_event)
+        seqs: list[Sequence] = []
         try:
-            while True:
-                seq, text, finished = await queue.get()
-                yield seq, text
-                if finished:
-                    return
+            for index, (prompt_ids, params) in enumerate(requests):
+
+                def on_event(seq: Sequence, text: str, finished: bool, index: int = index) -> None:
+                    loop.call_soon_threadsafe(queue.put_nowait, (index, seq, text, finished))
+
+                seqs.append(self.submit(prompt_ids, params, on_event))
+            remaining = len(seqs)
+            while remaining:
+                event = await queue.get()
+                remaining -= event[3]
+                yield event
         finally:
-            if not seq.done:
-                self.cancel(seq)
+            for seq in seqs:
+                if not seq.done:
+                    self.cancel(seq)
 
     # ----- background thread ----------------------------------------------------------------------
     def start(self) -> Engine:

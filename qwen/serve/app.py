@@ -1,0 +1,352 @@
+"""The OpenAI-compatible HTTP app: routes, auth, errors, streaming; generation is the engine's.
+
+Request path of a chat completion: validate the body (``protocol``) -> check the model id ->
+build prompt ids from the messages (``prompting``) -> turn the request fields into per-choice
+``SamplingParams`` -> ``Engine.stream_many`` (continuous batching with every other request) ->
+collect into one response, or forward as SSE chunks. Client mistakes are 4xx with an OpenAI-style
+``{"error": {...}}`` body; a client that disconnects mid-stream has its generation cancelled.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from sse_starlette.sse import EventSourceResponse
+
+from ..engine import Engine, Sequence
+from ..sampling import SamplingParams
+from .prompting import OBSERVATION_STOP, PromptError, ReactStream, build_chat_prompt, parse_react
+from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+
+logger = logging.getLogger("qwen.serve")
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.code, self.param = status, message, type_, code, param
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def _auth_dependency(api_keys: set[str], basic_auth: str | None):
+    async def check(request: Request) -> None:
+        if not api_keys and not basic_auth:
+            return
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "bearer" and any(secrets.compare_digest(value, k) for k in api_keys):
+            return
+        if scheme.lower() == "basic" and basic_auth:
+            try:
+                given = base64.b64decode(value, validate=True).decode()
+            except (binascii.Error, UnicodeDecodeError):
+                given = ""
+            if secrets.compare_digest(given, basic_auth):
+                return
+        raise APIError(401, "Missing or wrong credentials: send 'Authorization: Bearer <key>' (or HTTP Basic).",
+                       "authentication_error", "invalid_api_key")
+
+    return check
+
+
+def create_app(
+    engine: Engine,
+    model_name: str,
+    *,
+    api_keys: set[str] | None = None,
+    basic_auth: str | None = None,
+    cors_origins: list[str] | None = None,
+    log_requests: bool = False,
+) -> FastAPI:
+    """Build the app around an engine (started and stopped with the app)."""
+    tokenizer = engine.tokenizer
+    generation = engine.model.generation_config
+    stop_token_ids = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        yield
+        engine.stop()
+
+    app = FastAPI(title="Qwen OpenAI-compatible API", lifespan=lifespan)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
+    auth = [Depends(_auth_dependency(set(api_keys or ()), basic_auth))]
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return JSONResponse(APIError(400, "The request body is not valid JSON.").body(), status_code=400)
+        first = errors[0] if errors else {}
+        param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
+        message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in errors)
+        return JSONResponse(APIError(422, message, param=param).body(), status_code=422)
+
+    @app.get("/health")
+    async def health() -> dict:
+        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+
+    @app.get("/v1/models", dependencies=auth)
+    async def models() -> dict:
+        return {"object": "list", "data": [
+            {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "qwen"}
+        ]}
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise APIError(404, f"The model {name!r} does not exist; this server serves {model_name!r}.",
+                           code="model_not_found", param="model")
+
+    def sampling(body: SamplingFields, prompt_len: int, max_tokens: int | None, stops: list[str],
+                 logprobs: int | None) -> list[SamplingParams]:
+        room = engine.max_model_len - prompt_len
+        if room < 1:
+            raise APIError(400, f"The prompt has {prompt_len} tokens, which fills the model's context of "
+                                f"{engine.max_model_len} tokens; shorten the messages.", code="context_length_exceeded")
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(400, f"This model's context is {engine.max_model_len} tokens: the prompt takes "
+                                f"{prompt_len}, so at most {room} can be generated, but max_tokens is {max_tokens}.",
+                           code="context_length_exceeded", param="max_tokens")
+        temperature = body.temperature if body.temperature is not None else getattr(generation, "temperature", 1.0)
+        base = dict(
+            max_new_tokens=max_tokens or min(room, generation.max_new_tokens or room),
+            do_sample=bool(generation.do_sample) if body.temperature is None else body.temperature > 0,
+            temperature=temperature or 1.0,
+            top_p=body.top_p if body.top_p is not None else (generation.top_p or 1.0),
+            top_k=body.top_k if body.top_k is not None else (generation.top_k or 0),
+            repetition_penalty=body.repetition_penalty or generation.repetition_penalty or 1.0,
+            presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty,
+            stop_token_ids=stop_token_ids,
+            stop=stops,
+            logprobs=logprobs,
+        )
+        params = [SamplingParams(**base, seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
+        try:
+            params[0].validate()
+        except ValueError as exc:
+            raise APIError(400, str(exc)) from None
+        return params
+
+    def logprob_entries(seq: Sequence) -> list[dict]:
+        def entry(token_id: int, logprob: float) -> dict:
+            raw = tokenizer.decoder.get(token_id, b"")
+            raw = raw.encode() if isinstance(raw, str) else raw
+            return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
+
+        return [
+            {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]} for t, lp, alts in seq.logprobs
+        ]
+
+    def usage(prompt_len: int, seqs: list[Sequence]) -> dict:
+        completion = sum(len(s.output_ids) for s in seqs)
+        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
+
+    def finish_reason(seq: Sequence) -> str:
+        return "length" if seq.finish_reason == "length" else "stop"
+
+    def check_errors(seqs: list[Sequence]) -> None:
+        for seq in seqs:
+            if seq.finish_reason and seq.finish_reason.startswith("error"):
+                raise APIError(500, f"Generation failed: {seq.finish_reason[7:]}", "server_error")
+
+    def tool_call_message(call: tuple[str, str], legacy: bool) -> dict:
+        name, arguments = call
+        if legacy:
+            return {"function_call": {"name": name, "arguments": arguments}}
+        return {"tool_calls": [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                                "function": {"name": name, "arguments": arguments}}]}
+
+    # ----- chat completions -----------------------------------------------------------------------
+    @app.post("/v1/chat/completions", dependencies=auth)
+    async def chat_completions(body: ChatCompletionRequest):
+        check_model(body.model)
+        if log_requests:
+            logger.info("chat request: %s", body.model_dump_json(exclude_none=True))
+        try:
+            prompt = build_chat_prompt(tokenizer, body)
+        except PromptError as exc:
+            raise APIError(400, str(exc), param="messages") from None
+        stops = list(body.stop) + ([OBSERVATION_STOP] if prompt.functions else [])
+        top = body.top_logprobs if body.logprobs else None
+        if body.logprobs and top is None:
+            top = 0
+        params = sampling(body, len(prompt.ids), body.max_completion_tokens or body.max_tokens, stops, top)
+        legacy = bool(body.functions) and not body.tools
+        call_reason = "function_call" if legacy else "tool_calls"
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        requests = [(prompt.ids, p) for p in params]
+
+        if not body.stream:
+            seqs = await _run(engine, requests)
+            check_errors(seqs)
+            choices = []
+            for i, seq in enumerate(seqs):
+                message: dict[str, Any] = {"role": "assistant", "content": seq.text}
+                reason = finish_reason(seq)
+                if prompt.functions:
+                    parsed = parse_react(seq.text)
+                    message["content"] = parsed.content
+                    if parsed.call is not None:
+                        message.update(tool_call_message(parsed.call, legacy))
+                        reason = call_reason
+                choice = {"index": i, "message": message, "finish_reason": reason, "logprobs": None}
+                if body.logprobs:
+                    choice["logprobs"] = {"content": logprob_entries(seq)}
+                choices.append(choice)
+            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+                    "choices": choices, "usage": usage(len(prompt.ids), seqs)}
+
+        def chunk(index: int, delta: dict, reason: str | None = None, logprobs: Any = None) -> str:
+            return json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+                               "choices": [{"index": index, "delta": delta, "finish_reason": reason,
+                                            "logprobs": logprobs}]}, ensure_ascii=False)
+
+        async def events() -> AsyncIterator[str]:
+            react = [ReactStream() for _ in params]
+            logged = [0] * len(params)
+            seqs: dict[int, Sequence] = {}
+            for i in range(len(params)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            try:
+                async for i, seq, text, finished in engine.stream_many(requests):
+                    seqs[i] = seq
+                    content = react[i].feed(text) if prompt.functions else text
+                    if content:
+                        logprobs = None
+                        if body.logprobs:
+                            logprobs = {"content": logprob_entries(seq)[logged[i]:]}
+                            logged[i] = len(seq.logprobs)
+                        yield chunk(i, {"content": content}, logprobs=logprobs)
+                    if not finished:
+                        continue
+                    check_errors([seq])
+                    reason = finish_reason(seq)
+                    if prompt.functions:
+                        parsed = react[i].finish()
+                        if parsed.call is not None:
+                            reason = call_reason
+                            for piece in _call_deltas(parsed, legacy):
+                                yield chunk(i, piece)
+                        elif parsed.content:
+                            yield chunk(i, {"content": parsed.content})
+                    yield chunk(i, {}, reason)
+            except APIError as exc:
+                yield json.dumps(exc.body())
+                return
+            if body.stream_options and body.stream_options.include_usage:
+                yield json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                  "model": model_name, "choices": [],
+                                  "usage": usage(len(prompt.ids), list(seqs.values()))})
+            yield "[DONE]"
+
+        return EventSourceResponse(events(), ping=15)
+
+    # ----- text completions -----------------------------------------------------------------------
+    @app.post("/v1/completions", dependencies=auth)
+    async def completions(body: CompletionRequest):
+        check_model(body.model)
+        if log_requests:
+            logger.info("completion request: %s", body.model_dump_json(exclude_none=True))
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        encoded = [tokenizer.encode(p, allowed_special=set()) for p in prompts]
+        if any(not ids for ids in encoded):
+            raise APIError(400, "A prompt is empty.", param="prompt")
+        requests = []
+        for ids in encoded:
+            requests += [(ids, p) for p in sampling(body, len(ids), body.max_tokens, list(body.stop), body.logprobs)]
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        prompt_tokens = sum(len(ids) for ids in encoded)
+
+        def text_logprobs(seq: Sequence) -> dict:
+            tokens = [e["token"] for e in logprob_entries(seq)]
+            return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in seq.logprobs],
+                    "top_logprobs": [{tokenizer.decode([a]): alp for a, alp in alts} for _, _, alts in seq.logprobs],
+                    "text_offset": []}
+
+        def prefix(i: int) -> str:
+            return prompts[i // body.n] if body.echo else ""
+
+        if not body.stream:
+            seqs = await _run(engine, requests)
+            check_errors(seqs)
+            choices = [{"index": i, "text": prefix(i) + s.text, "finish_reason": finish_reason(s),
+                        "logprobs": text_logprobs(s) if body.logprobs is not None else None}
+                       for i, s in enumerate(seqs)]
+            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                    "choices": choices, "usage": usage(prompt_tokens, seqs)}
+
+        async def events() -> AsyncIterator[str]:
+            def chunk(i: int, text: str, reason: str | None) -> str:
+                return json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                                   "choices": [{"index": i, "text": text, "finish_reason": reason,
+                                                "logprobs": None}]}, ensure_ascii=False)
+
+            seqs: dict[int, Sequence] = {}
+            started: set[int] = set()
+            try:
+                async for i, seq, text, finished in engine.stream_many(requests):
+                    seqs[i] = seq
+                    lead = prefix(i) if i not in started else ""
+                    started.add(i)
+                    if text or lead:
+                        yield chunk(i, lead + text, None)
+                    if finished:
+                        check_errors([seq])
+                        yield chunk(i, "", finish_reason(seq))
+            except APIError as exc:
+                yield json.dumps(exc.body())
+                return
+            if body.stream_options and body.stream_options.include_usage:
+                yield json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                                  "choices": [], "usage": usage(prompt_tokens, list(seqs.values()))})
+            yield "[DONE]"
+
+        return EventSourceResponse(events(), ping=15)
+
+    return app
+
+
+async def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[Sequence]:
+    """Run requests to completion on the engine (cancelled if the client goes away)."""
+    seqs: dict[int, Sequence] = {}
+    async for i, seq, _, _ in engine.stream_many(requests):
+        seqs[i] = seq
+    return [seqs[i] for i in range(len(requests))]
+
+
+def _call_deltas(parsed, legacy: bool) -> Iterator[dict]:
+    """Stream one tool call the way OpenAI does: id/type/name first, then the arguments in pieces."""
+    name, arguments = parsed.call
+    pieces = [arguments[i : i + 16] for i in range(0, len(arguments), 16)] or [""]
+    if legacy:
+        yield {"content": parsed.content, "function_call": {"name": name, "arguments": ""}}
+        for piece in pieces:
+            yield {"function_call": {"arguments": piece}}
+        return
+    yield {"content": parsed.content, "tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}",
+                                                      "type": "function", "function": {"name": name, "arguments": ""}}]}
+    for piece in pieces:
+        yield {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}

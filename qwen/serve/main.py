@@ -1,0 +1,80 @@
+"""Command line of the API server (``python openai_api.py``): load a checkpoint, serve it."""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import sys
+from pathlib import Path
+
+NO_CHECKPOINT = """error: no checkpoint given. Pass -c/--checkpoint-path with an original Qwen v1 folder
+(e.g. a downloaded Qwen-7B-Chat: config.json, model*.safetensors, qwen.tiktoken, ...).
+To try the server without one, make a tiny random checkpoint (its replies are random text):
+    python -m qwen.tiny ./tiny-qwen && python openai_api.py -c ./tiny-qwen"""
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="openai_api.py", description="OpenAI-compatible API for a Qwen v1 checkpoint")
+    p.add_argument("-c", "--checkpoint-path", help="original Qwen checkpoint folder")
+    p.add_argument("--api-auth", help="require HTTP Basic auth, as user:password")
+    p.add_argument("--api-keys", default=os.environ.get("QWEN_API_KEYS", ""),
+                   help="comma-separated Bearer keys to accept (default: $QWEN_API_KEYS)")
+    p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--server-port", type=int, default=8000)
+    p.add_argument("--server-name", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
+    p.add_argument("--disable-gc", action="store_true", help="turn off Python's garbage collector (fewer pauses)")
+    p.add_argument("--model-name", help="model id clients must send (default: the folder's name)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's seq_length)")
+    p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
+    p.add_argument("--int8", action="store_true", help="int8 weight-only Linear layers (faster on CPU)")
+    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
+    p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not args.checkpoint_path:
+        sys.exit(NO_CHECKPOINT)
+    path = Path(args.checkpoint_path)
+    if not (path / "config.json").is_file():
+        sys.exit(f"error: {path} is not a checkpoint folder (no config.json). {NO_CHECKPOINT.split(chr(10), 1)[1]}")
+    if args.api_auth and ":" not in args.api_auth:
+        sys.exit("error: --api-auth takes user:password")
+
+    import torch
+    import uvicorn
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import qwen  # noqa: F401
+    from qwen.engine import Engine
+    from qwen.quantize import quantize_int8_
+    from qwen.serve.app import create_app
+
+    logging.basicConfig(level=logging.INFO)
+    device_map = "cpu" if args.cpu_only or not torch.cuda.is_available() else "auto"
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype).eval()
+    if args.int8:
+        quantize_int8_(model)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
+    app = create_app(
+        engine,
+        args.model_name or path.resolve().name,
+        api_keys={k for k in args.api_keys.split(",") if k},
+        basic_auth=args.api_auth,
+        cors_origins=[o for o in args.cors_origins.split(",") if o],
+        log_requests=args.log_requests,
+    )
+    if args.disable_gc:
+        gc.freeze()
+        gc.disable()
+    uvicorn.run(app, host=args.server_name, port=args.server_port)
+
+
+if __name__ == "__main__":
+    main()
