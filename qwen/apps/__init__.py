@@ -1,0 +1,1 @@
+"""Interactive front ends: the terminal chat (``cli``) and the browser chat (``web``)."""

@@ -1,0 +1,107 @@
+"""Browser chat with a Qwen checkpoint (``python web_demo.py -c FOLDER``), built with gradio 6.
+
+Each browser session has its own history; replies stream; Stop cancels the generation; model
+output is shown as sanitized Markdown, so HTML or script in a reply never runs in the page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+DEFAULT_SYSTEM = "You are a helpful assistant."
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="web_demo.py", description="Chat with a Qwen v1 checkpoint in the browser")
+    p.add_argument("-c", "--checkpoint-path", help="original Qwen checkpoint folder")
+    p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
+    p.add_argument("--share", action="store_true", help="create a public gradio link")
+    p.add_argument("--inbrowser", action="store_true", help="open a browser tab")
+    p.add_argument("--server-port", type=int, default=8000)
+    p.add_argument("--server-name", default="127.0.0.1")
+    p.add_argument("--demo", action="store_true", help="use a tiny random checkpoint (replies are random text)")
+    return p.parse_args(argv)
+
+
+def to_messages(history: list[tuple[str, str]]) -> list[dict]:
+    return [m for q, r in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
+
+
+def build_ui(model, tokenizer, title: str = "Qwen"):
+    """The gradio Blocks app around a loaded model."""
+    import gradio as gr
+
+    def generate(query: str, history: list, system: str, temperature: float, top_p: float, max_new_tokens: int
+                 ) -> Iterator[tuple[list[dict], list, str]]:
+        query = (query or "").strip()
+        if not query:
+            gr.Warning("Type a message first.")
+            yield to_messages(history), history, ""
+            return
+        settings = {"max_new_tokens": int(max_new_tokens), "top_p": float(top_p)}
+        if temperature > 0:
+            settings.update(do_sample=True, temperature=float(temperature))
+        else:
+            settings.update(do_sample=False)
+        reply = ""
+        for reply in model.chat_stream(tokenizer, query, history=history, system=system or DEFAULT_SYSTEM,
+                                       **settings):
+            yield to_messages(history + [(query, reply)]), history, ""
+        history = history + [(query, reply)]
+        yield to_messages(history), history, ""
+
+    def regenerate(history: list, *rest) -> Iterator[tuple[list[dict], list, str]]:
+        if not history:
+            yield [], history, ""
+            return
+        *earlier, (query, _) = history
+        yield from generate(query, list(earlier), *rest)
+
+    with gr.Blocks(title=title) as demo:
+        gr.Markdown(f"## {title}")
+        history = gr.State([])
+        chatbot = gr.Chatbot(elem_id="chatbot", height=480, sanitize_html=True, render_markdown=True)
+        msg = gr.Textbox(elem_id="msg", placeholder="Type a message and press Enter", submit_btn=True,
+                         show_label=False)
+        with gr.Row():
+            stop = gr.Button("Stop", elem_id="stop")
+            regen = gr.Button("Regenerate", elem_id="regenerate")
+            clear = gr.Button("Clear History", elem_id="clear")
+        with gr.Accordion("Settings", open=False):
+            system = gr.Textbox(DEFAULT_SYSTEM, label="System prompt", elem_id="system")
+            temperature = gr.Slider(0, 2, value=1.0, step=0.05, label="Temperature (0 = greedy)")
+            top_p = gr.Slider(0.05, 1, value=float(getattr(model.generation_config, "top_p", None) or 1.0),
+                              step=0.05, label="top_p")
+            max_new = gr.Slider(1, 2048, value=int(model.generation_config.max_new_tokens or 512), step=1,
+                                label="Max new tokens")
+        inputs = [system, temperature, top_p, max_new]
+        submit_event = msg.submit(generate, [msg, history, *inputs], [chatbot, history, msg])
+        regen_event = regen.click(regenerate, [history, *inputs], [chatbot, history, msg])
+        stop.click(None, cancels=[submit_event, regen_event])
+        clear.click(lambda: ([], [], ""), None, [chatbot, history, msg], cancels=[submit_event, regen_event])
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    from .cli import load
+
+    path = Path(args.checkpoint_path) if args.checkpoint_path else None
+    if path is not None and not (path / "config.json").is_file():
+        sys.exit(f"error: {path} is not a Qwen checkpoint folder (no config.json); use --demo to try a tiny one")
+    title = "Qwen"
+    if path is None or args.demo:
+        from qwen.tiny import make_tiny_checkpoint
+
+        path = make_tiny_checkpoint(tempfile.mkdtemp(prefix="qwen-demo-"))
+        title = "Qwen demo (tiny random model: replies are random text)"
+        print(title)
+    model, tokenizer = load(path, args.cpu_only, False)
+    demo = build_ui(model, tokenizer, title)
+    demo.queue(default_concurrency_limit=4).launch(
+        server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser
+    )
