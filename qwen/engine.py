@@ -58,11 +58,17 @@ class Engine:
 
     ``max_batch_size`` sequences run at once (more wait in a queue); ``max_model_len`` bounds prompt
     plus output (default: the model's ``seq_length``). The KV cache grows with the longest running
-    sequence up to that bound.
+    sequence up to that bound; ``kv_cache_int8`` stores it as int8 (default: the model config's
+    ``use_cache_quantization``).
     """
 
     def __init__(
-        self, model: QWenLMHeadModel, tokenizer, max_batch_size: int = 8, max_model_len: int | None = None
+        self,
+        model: QWenLMHeadModel,
+        tokenizer,
+        max_batch_size: int = 8,
+        max_model_len: int | None = None,
+        kv_cache_int8: bool | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -75,6 +81,7 @@ class Engine:
         self.cache = SlotKVCache(
             config.num_hidden_layers, max_batch_size, config.num_attention_heads, config.head_dim,
             self.max_model_len, dtype, self.device,
+            quantized=config.use_cache_quantization if kv_cache_int8 is None else kv_cache_int8,
         )
         self.stats = TokenStats(max_batch_size, config.vocab_size, self.device)
         self.alpha = torch.ones(max_batch_size, dtype=torch.float64, device=self.device)
@@ -233,7 +240,7 @@ class Engine:
         for seq in seqs:
             self.stats.reset(seq.slot, torch.tensor(seq.prompt_ids, device=self.device))
         # Right padding: every real query sees only real keys under the causal mask.
-        self.cache.begin(rows, None, width, width)
+        self.cache.begin(rows, None, width, width, lengths)
         positions = torch.arange(width, device=self.device)[None].expand(len(seqs), -1)
         hidden = self.model.transformer(
             input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True, ntk_alpha_override=self.alpha[rows]

@@ -104,20 +104,31 @@ class SlotKVCache:
     Capacity grows by doubling up to ``max_len``, so memory follows the longest sequence rather
     than the model's maximum. Before each forward the engine calls ``begin`` to say which slots
     the batch covers and where each row writes; the model's attention then calls ``update`` as it
-    does on any transformers cache.
+    does on any transformers cache. With ``quantized`` the cache stores the original's int8 form
+    (``quantize_int8`` per forward chunk, per row over the row's own tokens).
     """
 
     def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device, initial: int = 256) -> None:
-        self.max_len = max_len
+                 dtype: torch.dtype, device: torch.device, initial: int = 256, quantized: bool = False) -> None:
+        self.max_len, self.dtype, self.quantized = max_len, dtype, quantized
         self.capacity = min(initial, max_len)
-        shape = (slots, heads, self.capacity, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        names = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero") if quantized else ("k", "v")
+
+        def empty(name: str) -> torch.Tensor:
+            if name.endswith(("scale", "zero")):
+                return torch.zeros(slots, heads, self.capacity, 1, dtype=dtype, device=device)
+            kind = torch.uint8 if quantized else dtype
+            return torch.zeros(slots, heads, self.capacity, head_dim, dtype=kind, device=device)
+
+        self.layers = [{name: empty(name) for name in names} for _ in range(num_layers)]
         self._rows = slice(0, 0)
         self._starts: torch.Tensor | None = None
+        self._lengths: list[int] | None = None
         self._kv_len = 0
         self._q_len = 0
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for store in self.layers for t in store.values()]
 
     def ensure_capacity(self, length: int) -> None:
         if length > self.max_len:
@@ -128,38 +139,57 @@ class SlotKVCache:
         while new < length:
             new *= 2
         new = min(new, self.max_len)
-        for store in (self.keys, self.values):
-            for i, t in enumerate(store):
+        for store in self.layers:
+            for name, t in store.items():
                 grown = t.new_zeros(*t.shape[:2], new, t.shape[3])
                 grown[:, :, : self.capacity] = t
-                store[i] = grown
+                store[name] = grown
         self.capacity = new
 
-    def begin(self, rows: slice, starts: torch.Tensor | None, q_len: int, kv_len: int) -> None:
+    def begin(self, rows: slice, starts: torch.Tensor | None, q_len: int, kv_len: int,
+              lengths: list[int] | None = None) -> None:
         """Next forward covers slots ``rows``; with ``starts`` [n] each row writes one token at its
-        own position (decode), without it all rows write ``q_len`` tokens from 0 (prefill)."""
+        own position (decode), without it all rows write ``q_len`` tokens from 0 (prefill, where
+        ``lengths`` gives each row's real, unpadded length)."""
         self.ensure_capacity(kv_len)
-        self._rows, self._starts, self._q_len, self._kv_len = rows, starts, q_len, kv_len
+        self._rows, self._starts, self._q_len, self._kv_len, self._lengths = rows, starts, q_len, kv_len, lengths
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len - self._q_len
 
+    def _encode(self, states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """What is stored for new states: themselves, or their int8 form (quantized, scale, zero)."""
+        if not self.quantized:
+            return (states,)
+        if self._starts is not None or self._lengths is None:
+            return quantize_int8(states)
+        parts = [torch.zeros_like(states, dtype=torch.uint8), torch.ones_like(states[..., :1]),
+                 torch.zeros_like(states[..., :1])]
+        for row, length in enumerate(self._lengths):  # pad keys must not widen a row's range
+            for part, value in zip(parts, quantize_int8(states[row : row + 1, :, :length]), strict=True):
+                part[row : row + 1, :, :length] = value
+        return tuple(parts)
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        k, v = self.keys[layer_idx], self.values[layer_idx]
-        if self._starts is None:
-            k[self._rows, :, : self._q_len] = key_states
-            v[self._rows, :, : self._q_len] = value_states
-        else:
-            idx = torch.arange(self._rows.start, self._rows.stop, device=k.device)
-            k[idx, :, self._starts] = key_states[:, :, 0]
-            v[idx, :, self._starts] = value_states[:, :, 0]
-        return k[self._rows, :, : self._kv_len], v[self._rows, :, : self._kv_len]
+        store = self.layers[layer_idx]
+        new = dict(zip(store, (*self._encode(key_states), *self._encode(value_states)), strict=True))
+        for name, t in store.items():
+            if self._starts is None:
+                t[self._rows, :, : self._q_len] = new[name]
+            else:
+                idx = torch.arange(self._rows.start, self._rows.stop, device=t.device)
+                t[idx, :, self._starts] = new[name][:, :, 0]
+        view = {name: t[self._rows, :, : self._kv_len] for name, t in store.items()}
+        if not self.quantized:
+            return view["k"], view["v"]
+        return tuple(
+            dequantize_int8(view[p], view[f"{p}_scale"], view[f"{p}_zero"]).to(self.dtype) for p in ("k", "v")
+        )
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src`` into ``dst`` (the engine keeps running sequences in slots 0..n-1)."""
-        for store in (self.keys, self.values):
-            for t in store:
-                t[dst] = t[src]
+        for t in self._tensors():
+            t[dst] = t[src]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self._tensors())

@@ -30,6 +30,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's seq_length)")
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
     p.add_argument("--int8", action="store_true", help="int8 weight-only Linear layers (faster on CPU)")
+    p.add_argument("--kv-cache-int8", action="store_true", help="store the KV cache as int8 (about 4x less than fp32)")
     p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
     return p.parse_args(argv)
@@ -61,7 +62,8 @@ def main(argv: list[str] | None = None) -> None:
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype).eval()
     if args.int8:
         quantize_int8_(model)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
+                    kv_cache_int8=args.kv_cache_int8 or None)
     app = create_app(
         engine,
         args.model_name or path.resolve().name,
