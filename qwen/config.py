@@ -44,6 +44,10 @@ class QWenConfig(PreTrainedConfig):
     use_cache_quantization: bool = False
     use_cache_kernel: bool = False
     softmax_in_fp32: bool = False
+    # Window attention (the Qwen report's long-context option; not in the released code, so off):
+    # one window for every layer, or one per layer; 0/None = full attention for that layer.
+    use_window_attn: bool = False
+    window_size: int | list[int | None] | None = None
     # transformers 5 no longer declares these on the base config; the original README passes pad_token_id.
     pad_token_id: int | None = None
     bos_token_id: int | None = None
@@ -57,7 +61,18 @@ class QWenConfig(PreTrainedConfig):
                 f"hidden_size {self.hidden_size} is not divisible by num_attention_heads "
                 f"{self.num_attention_heads}."
             )
+        per_layer = isinstance(self.window_size, list)
+        if self.use_window_attn and per_layer and len(self.window_size) != self.num_hidden_layers:
+            raise ValueError(
+                f"window_size lists {len(self.window_size)} windows for {self.num_hidden_layers} layers; "
+                "give one int for all layers or one entry per layer."
+            )
         super().__post_init__(**kwargs)
+
+    def layer_windows(self) -> list[int | None]:
+        """The attention window of each layer (None = full attention)."""
+        sizes = self.window_size if isinstance(self.window_size, list) else [self.window_size] * self.num_hidden_layers
+        return [w or None for w in sizes] if self.use_window_attn else [None] * self.num_hidden_layers
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
@@ -80,3 +95,13 @@ class QWenConfig(PreTrainedConfig):
             if getattr(self, flag):
                 return dtype
         return None
+
+
+def window_schedule(num_layers: int, min_size: int, max_size: int) -> list[int]:
+    """Per-layer windows as the Qwen report describes: short in the lowest layer, growing linearly
+    to ``max_size`` in the highest."""
+    if not 0 < min_size <= max_size:
+        raise ValueError(f"need 0 < min_size <= max_size, got {min_size}, {max_size}")
+    if num_layers == 1:
+        return [max_size]
+    return [round(min_size + (max_size - min_size) * i / (num_layers - 1)) for i in range(num_layers)]

@@ -17,7 +17,17 @@ from .modeling import QWenLMHeadModel
 
 def qwen2_config(model: QWenLMHeadModel, attn_implementation: str = "sdpa") -> Qwen2Config:
     c = model.config
+    windows = c.layer_windows()
+    sizes = set(windows) - {None}
+    if len(sizes) > 1:
+        raise ValueError(f"Qwen2 has one sliding window size; this model uses several: {sorted(sizes)}")
+    sliding = dict(
+        use_sliding_window=True,
+        sliding_window=sizes.pop(),
+        layer_types=["full_attention" if w is None else "sliding_attention" for w in windows],
+    ) if sizes else {}
     return Qwen2Config(
+        **sliding,
         vocab_size=c.vocab_size,
         hidden_size=c.hidden_size,
         intermediate_size=c.intermediate_size // 2,

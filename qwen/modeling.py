@@ -108,6 +108,37 @@ def build_attention_mask(
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+def window_mask(
+    base: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Tensor, window: int
+) -> torch.Tensor:
+    """Restrict a boolean mask [B|1, 1, q, kv] so a query at position p sees keys in (p - window, p]."""
+    near = k_pos[:, None, None, :] > q_pos[:, None, :, None] - window
+    allowed = base & near
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def layer_window_masks(
+    windows: list[int | None],
+    mask: torch.Tensor | None,
+    key_valid: torch.Tensor | None,
+    q_pos: torch.Tensor,
+    past_len: int,
+    kv_len: int,
+) -> dict[int | None, torch.Tensor | None]:
+    """The mask of each distinct window (None: full attention keeps ``mask``)."""
+    masks = {None: mask}
+    if not any(windows):
+        return masks
+    device = q_pos.device
+    if mask is None:  # plain causal over the cache
+        causal = torch.arange(kv_len, device=device) <= torch.arange(past_len, kv_len, device=device)[:, None]
+        mask = causal[None, None]
+    k_pos = key_valid.long().cumsum(-1) - 1 if key_valid is not None else torch.arange(kv_len, device=device)[None]
+    for w in set(windows) - {None}:
+        masks[w] = window_mask(mask, q_pos, k_pos, w)
+    return masks
+
+
 @functools.cache
 def _flash_attn_func():
     """flash-attn's kernel when it is installed (CUDA builds only), else None."""
@@ -346,9 +377,12 @@ class QWenModel(QWenPreTrainedModel):
         else:
             mask = build_attention_mask(key_valid, q_len, past_len, h.device)
 
+        windows = self.config.layer_windows()
+        layer_masks = layer_window_masks(windows, mask, key_valid, position_ids, past_len, kv_len)
+
         h = self.drop(h)
-        for block in self.h:
-            h = block(h, rotary, logn, mask, cache)
+        for block, window in zip(self.h, windows, strict=True):
+            h = block(h, rotary, logn, layer_masks[window], cache)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(h), cache=cache)
 
     def _ntk_alpha(self, override, key_valid, cache, past_len, kv_len, bsz, device) -> torch.Tensor:
