@@ -82,6 +82,7 @@ class Engine:
             config.num_hidden_layers, max_batch_size, config.num_attention_heads, config.head_dim,
             self.max_model_len, dtype, self.device,
             quantized=config.use_cache_quantization if kv_cache_int8 is None else kv_cache_int8,
+            windows=config.layer_windows(),
         )
         self.stats = TokenStats(max_batch_size, config.vocab_size, self.device)
         self.alpha = torch.ones(max_batch_size, dtype=torch.float64, device=self.device)

@@ -105,22 +105,27 @@ class SlotKVCache:
     than the model's maximum. Before each forward the engine calls ``begin`` to say which slots
     the batch covers and where each row writes; the model's attention then calls ``update`` as it
     does on any transformers cache. With ``quantized`` the cache stores the original's int8 form
-    (``quantize_int8`` per forward chunk, per row over the row's own tokens).
+    (``quantize_int8`` per forward chunk, per row over the row's own tokens). A layer with an
+    attention window w keeps only its last w keys, in a ring of w entries, so its memory stops
+    growing past the window.
     """
 
     def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device, initial: int = 256, quantized: bool = False) -> None:
+                 dtype: torch.dtype, device: torch.device, initial: int = 256, quantized: bool = False,
+                 windows: list[int | None] | None = None) -> None:
         self.max_len, self.dtype, self.quantized = max_len, dtype, quantized
         self.capacity = min(initial, max_len)
+        self.windows = [min(w, max_len) if w else None for w in windows or [None] * num_layers]
         names = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero") if quantized else ("k", "v")
 
-        def empty(name: str) -> torch.Tensor:
+        def empty(name: str, window: int | None) -> torch.Tensor:
+            length = window or self.capacity
             if name.endswith(("scale", "zero")):
-                return torch.zeros(slots, heads, self.capacity, 1, dtype=dtype, device=device)
+                return torch.zeros(slots, heads, length, 1, dtype=dtype, device=device)
             kind = torch.uint8 if quantized else dtype
-            return torch.zeros(slots, heads, self.capacity, head_dim, dtype=kind, device=device)
+            return torch.zeros(slots, heads, length, head_dim, dtype=kind, device=device)
 
-        self.layers = [{name: empty(name) for name in names} for _ in range(num_layers)]
+        self.layers = [{name: empty(name, w) for name in names} for w in self.windows]
         self._rows = slice(0, 0)
         self._starts: torch.Tensor | None = None
         self._lengths: list[int] | None = None
@@ -139,7 +144,9 @@ class SlotKVCache:
         while new < length:
             new *= 2
         new = min(new, self.max_len)
-        for store in self.layers:
+        for store, window in zip(self.layers, self.windows, strict=True):
+            if window:  # a ring keeps its size
+                continue
             for name, t in store.items():
                 grown = t.new_zeros(*t.shape[:2], new, t.shape[3])
                 grown[:, :, : self.capacity] = t
@@ -171,20 +178,38 @@ class SlotKVCache:
         return tuple(parts)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
-        store = self.layers[layer_idx]
+        store, window = self.layers[layer_idx], self.windows[layer_idx]
         new = dict(zip(store, (*self._encode(key_states), *self._encode(value_states)), strict=True))
+        decode_idx = None
+        if self._starts is not None:
+            decode_idx = torch.arange(self._rows.start, self._rows.stop, device=key_states.device)
         for name, t in store.items():
-            if self._starts is None:
+            if decode_idx is not None:
+                t[decode_idx, :, self._starts % window if window else self._starts] = new[name][:, :, 0]
+            elif not window:
                 t[self._rows, :, : self._q_len] = new[name]
-            else:
-                idx = torch.arange(self._rows.start, self._rows.stop, device=t.device)
-                t[idx, :, self._starts] = new[name][:, :, 0]
-        view = {name: t[self._rows, :, : self._kv_len] for name, t in store.items()}
+            else:  # prefill into a ring: each row's last `window` real positions
+                for row, length in enumerate(self._lengths or [self._q_len] * len(new[name])):
+                    pos = torch.arange(max(0, length - window), length, device=t.device)
+                    t[self._rows.start + row, :, pos % window] = new[name][row, :, pos]
+        if window and decode_idx is None:
+            view = new  # a prefill attends over its own chunk (no past)
+        else:
+            view = {name: t[self._rows, :, : window or self._kv_len] for name, t in store.items()}
         if not self.quantized:
             return view["k"], view["v"]
         return tuple(
             dequantize_int8(view[p], view[f"{p}_scale"], view[f"{p}_zero"]).to(self.dtype) for p in ("k", "v")
         )
+
+    def layer_mask(self, layer_idx: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+        """A ring layer's decode mask: the ring entries each row has filled (all of them inside the
+        window). Other layers keep the mask the model built."""
+        window = self.windows[layer_idx]
+        if not window or self._starts is None:
+            return mask
+        filled = torch.clamp(self._starts + 1, max=window)
+        return (torch.arange(window, device=filled.device)[None] < filled[:, None])[:, None, None, :]
 
     def move(self, src: int, dst: int) -> None:
         """Copy slot ``src`` into ``dst`` (the engine keeps running sequences in slots 0..n-1)."""

@@ -211,6 +211,8 @@ class QWenAttention(nn.Module):
             q = q * logn.type_as(q)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_idx)
+            if hasattr(cache, "layer_mask"):  # the engine's cache may lay out a layer's keys its own way
+                mask = cache.layer_mask(self.layer_idx, mask)
         out = attend(
             q,
             k,
@@ -289,6 +291,10 @@ class QWenPreTrainedModel(PreTrainedModel):
             overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in QWenConfig.__annotations__}
             config = QWenConfig.from_pretrained(pretrained_model_name_or_path, **overrides)
             kwargs["config"] = config
+        from .gptq import load_if_gptq  # GPTQ (-Int4/-Int8) folders load in plain PyTorch, see qwen/gptq.py
+
+        if (gptq_model := load_if_gptq(cls, pretrained_model_name_or_path, kwargs)) is not None:
+            return gptq_model
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = config.flag_dtype() or _default_dtype()
         want_info = kwargs.pop("output_loading_info", False)
