@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from ..loading import add_model_args, load_model
+
 HELP = """Commands:
   :help / :h                 show this help
   :exit / :quit / :q         quit (Ctrl-D too)
@@ -30,28 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="cli_demo.py", description="Chat with a Qwen v1 checkpoint in the terminal")
     p.add_argument("-c", "--checkpoint-path", help="original Qwen checkpoint folder")
     p.add_argument("-s", "--seed", type=int, default=1234, help="random seed (default 1234)")
-    p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
     p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")
     p.add_argument("--max-new-tokens", type=int, help="reply length limit (default: the checkpoint's)")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only Linear layers (faster on CPU)")
     p.add_argument("--demo", action="store_true", help="use a tiny random checkpoint (replies are random text)")
+    add_model_args(p)
     return p.parse_args(argv)
-
-
-def load(path: Path, cpu_only: bool, int8: bool):
-    """Model and tokenizer from a checkpoint folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import qwen  # noqa: F401
-    from qwen.quantize import quantize_int8_
-
-    device_map = "cpu" if cpu_only or not torch.cuda.is_available() else "auto"
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map).eval()
-    if int8:
-        quantize_int8_(model)
-    return model, tokenizer
 
 
 def parse_value(text: str):
@@ -153,7 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         console.print("Demo mode: a tiny checkpoint with RANDOM weights, so replies are random text. "
                       "Pass -c FOLDER to chat with a real model.")
     try:
-        model, tokenizer = load(path, args.cpu_only, args.int8)
+        model, tokenizer = load_model(path, args)
     except (OSError, ValueError) as exc:
         sys.exit(f"error: cannot load {path}: {exc}")
     session = ChatSession(model, tokenizer, args.system, args.seed, console)

@@ -12,18 +12,20 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from ..loading import add_model_args, load_model
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="web_demo.py", description="Chat with a Qwen v1 checkpoint in the browser")
     p.add_argument("-c", "--checkpoint-path", help="original Qwen checkpoint folder")
-    p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
     p.add_argument("--share", action="store_true", help="create a public gradio link")
     p.add_argument("--inbrowser", action="store_true", help="open a browser tab")
     p.add_argument("--server-port", type=int, default=8000)
     p.add_argument("--server-name", default="127.0.0.1")
     p.add_argument("--demo", action="store_true", help="use a tiny random checkpoint (replies are random text)")
+    add_model_args(p)
     return p.parse_args(argv)
 
 
@@ -88,8 +90,6 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from .cli import load
-
     path = Path(args.checkpoint_path) if args.checkpoint_path else None
     if path is not None and not (path / "config.json").is_file():
         sys.exit(f"error: {path} is not a Qwen checkpoint folder (no config.json); use --demo to try a tiny one")
@@ -100,7 +100,10 @@ def main(argv: list[str] | None = None) -> None:
         path = make_tiny_checkpoint(tempfile.mkdtemp(prefix="qwen-demo-"))
         title = "Qwen demo (tiny random model: replies are random text)"
         print(title)
-    model, tokenizer = load(path, args.cpu_only, False)
+    try:
+        model, tokenizer = load_model(path, args)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"error: cannot load {path}: {exc}")
     demo = build_ui(model, tokenizer, title)
     demo.queue(default_concurrency_limit=4).launch(
         server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from ..loading import add_model_args, load_model
+
 NO_CHECKPOINT = """error: no checkpoint given. Pass -c/--checkpoint-path with an original Qwen v1 folder
 (e.g. a downloaded Qwen-7B-Chat: config.json, model*.safetensors, qwen.tiktoken, ...).
 To try the server without one, make a tiny random checkpoint (its replies are random text):
@@ -21,7 +23,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--api-auth", help="require HTTP Basic auth, as user:password")
     p.add_argument("--api-keys", default=os.environ.get("QWEN_API_KEYS", ""),
                    help="comma-separated Bearer keys to accept (default: $QWEN_API_KEYS)")
-    p.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
     p.add_argument("--server-port", type=int, default=8000)
     p.add_argument("--server-name", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--disable-gc", action="store_true", help="turn off Python's garbage collector (fewer pauses)")
@@ -29,10 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
     p.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's seq_length)")
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
-    p.add_argument("--int8", action="store_true", help="int8 weight-only Linear layers (faster on CPU)")
-    p.add_argument("--kv-cache-int8", action="store_true", help="store the KV cache as int8 (about 4x less than fp32)")
-    p.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto")
     p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
+    add_model_args(p)
     return p.parse_args(argv)
 
 
@@ -46,24 +45,17 @@ def main(argv: list[str] | None = None) -> None:
     if args.api_auth and ":" not in args.api_auth:
         sys.exit("error: --api-auth takes user:password")
 
-    import torch
     import uvicorn
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import qwen  # noqa: F401
     from qwen.engine import Engine
-    from qwen.quantize import quantize_int8_
     from qwen.serve.app import create_app
 
     logging.basicConfig(level=logging.INFO)
-    device_map = "cpu" if args.cpu_only or not torch.cuda.is_available() else "auto"
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype).eval()
-    if args.int8:
-        quantize_int8_(model)
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                    kv_cache_int8=args.kv_cache_int8 or None)
+    try:
+        model, tokenizer = load_model(path, args)
+    except (OSError, ValueError) as exc:
+        sys.exit(f"error: cannot load {path}: {exc}")
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len)
     app = create_app(
         engine,
         args.model_name or path.resolve().name,
