@@ -101,6 +101,8 @@ class Engine:
         params.validate()
         if not prompt_ids:
             raise ValueError("the prompt is empty")
+        if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
+            raise ValueError(f"the prompt has token ids outside [0, {self.config.vocab_size})")
         if len(prompt_ids) >= self.max_model_len:
             raise ValueError(
                 f"the prompt has {len(prompt_ids)} tokens but the model's context is {self.max_model_len}; "
@@ -147,7 +149,8 @@ class Engine:
             for index, (prompt_ids, params) in enumerate(requests):
 
                 def on_event(seq: Sequence, text: str, finished: bool, index: int = index) -> None:
-                    loop.call_soon_threadsafe(queue.put_nowait, (index, seq, text, finished))
+                    if not loop.is_closed():  # the consumer may have left with its loop
+                        loop.call_soon_threadsafe(queue.put_nowait, (index, seq, text, finished))
 
                 seqs.append(self.submit(prompt_ids, params, on_event))
             remaining = len(seqs)
@@ -317,4 +320,8 @@ class Engine:
         new = visible[seq.emitted :] if len(visible) > seq.emitted else ""
         seq.emitted = max(seq.emitted, len(visible))
         if seq.on_event is not None and (new or finished):
-            seq.on_event(seq, new, finished)
+            try:
+                seq.on_event(seq, new, finished)
+            except Exception:  # a broken consumer loses its own request, never its batch mates
+                seq.on_event = None
+                seq.cancelled = True
