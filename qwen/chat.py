@@ -100,7 +100,7 @@ def get_stop_words_ids(chat_format: str, tokenizer) -> list[list[int]]:
     raise ValueError(f"Unknown chat format {chat_format!r}; use 'chatml' or 'raw'.")
 
 
-def normalize_stop_words(tokenizer, stop_words: Sequence[Any] | None) -> tuple[list[list[int]], list[str]]:
+def normalize_stop_words(stop_words: Sequence[Any] | None) -> tuple[list[list[int]], list[str]]:
     """Split user stop words into id sequences and strings (a single int is a one-token sequence)."""
     ids, texts = [], []
     for word in stop_words or []:
@@ -225,7 +225,7 @@ def _chat_setup(model, tokenizer, queries, histories, systems, stop_words_ids, g
         make_context(tokenizer, q, h, s, max_window_size, chat_format)[1]
         for q, h, s in zip(queries, histories, systems, strict=True)
     ]
-    stop_ids, stop_texts = normalize_stop_words(tokenizer, stop_words_ids)
+    stop_ids, stop_texts = normalize_stop_words(stop_words_ids)
     stop_ids += get_stop_words_ids(chat_format, tokenizer)
     # generate() also ends a row on the config's eos (<|endoftext|>): cut the response there too.
     eos = config.eos_token_id
