@@ -115,6 +115,10 @@ class ChatSession:
             stream.close()
             self.console.print("\n[reply stopped]")
             return
+        except Exception as exc:  # e.g. a :conf value that generation rejects
+            stream.close()
+            self.console.print(f"\nerror: {exc}\n(change the setting with :conf, or :reset-conf)")
+            return
         self.console.print()
         self.history.append((query, shown))
 
@@ -125,7 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     from prompt_toolkit.history import InMemoryHistory
     from rich.console import Console
 
-    console = Console(highlight=False, markup=False, soft_wrap=True)
+    console = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
     path = Path(args.checkpoint_path) if args.checkpoint_path else None
     if path is not None and not (path / "config.json").is_file():
         sys.exit(f"error: {path} is not a Qwen checkpoint folder (no config.json); use --demo to try a tiny one")

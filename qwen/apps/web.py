@@ -49,12 +49,13 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
             settings.update(do_sample=True, temperature=float(temperature))
         else:
             settings.update(do_sample=False)
-        reply = ""
+        turn = history + [(query, "")]
         for reply in model.chat_stream(tokenizer, query, history=history, system=system or DEFAULT_SYSTEM,
                                        **settings):
-            yield to_messages(history + [(query, reply)]), history, ""
-        history = history + [(query, reply)]
-        yield to_messages(history), history, ""
+            # The state follows the screen at every step, so a stopped reply stays in the conversation.
+            turn = history + [(query, reply)]
+            yield to_messages(turn), turn, ""
+        yield to_messages(turn), turn, ""
 
     def regenerate(history: list, *rest) -> Iterator[tuple[list[dict], list, str]]:
         if not history:
@@ -85,6 +86,7 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
         regen_event = regen.click(regenerate, [history, *inputs], [chatbot, history, msg])
         stop.click(None, cancels=[submit_event, regen_event])
         clear.click(lambda: ([], [], ""), None, [chatbot, history, msg], cancels=[submit_event, regen_event])
+        chatbot.clear(lambda: ([], ""), None, [history, msg], cancels=[submit_event, regen_event])
     return demo
 
 
@@ -97,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     if path is None or args.demo:
         from qwen.tiny import make_tiny_checkpoint
 
-        path = make_tiny_checkpoint(tempfile.mkdtemp(prefix="qwen-demo-"))
+        demo_dir = tempfile.TemporaryDirectory(prefix="qwen-demo-")  # removed when the app exits
+        path = make_tiny_checkpoint(demo_dir.name)
         title = "Qwen demo (tiny random model: replies are random text)"
         print(title)
     try:
