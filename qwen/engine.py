@@ -242,7 +242,7 @@ class Engine:
         if self.config.use_dynamic_ntk:
             self.alpha[rows] = ntk_alpha(lens, self.config.seq_length)
         for seq in seqs:
-            self.stats.reset(seq.slot, torch.tensor(seq.prompt_ids, device=self.device))
+            self.stats.reset(seq.slot, seq.prompt_ids)
         # Right padding: every real query sees only real keys under the causal mask.
         self.cache.begin(rows, None, width, width, lengths)
         positions = torch.arange(width, device=self.device)[None].expand(len(seqs), -1)
@@ -276,15 +276,17 @@ class Engine:
         params = [s.params for s in seqs]
         want = any(p.logprobs is not None for p in params)
         tokens, logprobs = select_tokens(logits, params, self.stats, rows, [s.generator for s in seqs], want)
-        self.stats.add(rows, tokens)
         self.next_tokens[rows] = tokens
+        tokens = tokens.tolist()  # the step's one host sync
+        self.stats.add(rows, tokens)
         chosen = top = None
         if want:
-            chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+            logprobs = logprobs.clamp(min=-9999.0)  # finite, as OpenAI reports impossible tokens
+            chosen = logprobs.gather(1, torch.tensor(tokens, device=self.device)[:, None])[:, 0].tolist()
             k = max(p.logprobs or 0 for p in params)
             top = torch.topk(logprobs, k, dim=-1) if k else None
         now = time.perf_counter()
-        for i, (seq, token) in enumerate(zip(seqs, tokens.tolist(), strict=True)):
+        for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self._advance(seq, token, chosen[i] if chosen else 0.0, top, i)

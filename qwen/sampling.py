@@ -32,7 +32,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return not self.do_sample or self.temperature <= 0
+        # Below 1e-5 a temperature only overflows the logits; it means greedy.
+        return not self.do_sample or self.temperature < 1e-5
 
     def validate(self) -> None:
         """Raise ValueError naming the bad setting (the server turns it into a 400)."""
@@ -40,8 +41,8 @@ class SamplingParams:
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
-            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
-            (self.repetition_penalty > 0, "repetition_penalty must be > 0"),
+            (0 <= self.top_k < 2**31, "top_k must be >= 0 (0 = off)"),
+            (self.repetition_penalty >= 0.01, "repetition_penalty must be >= 0.01"),
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
@@ -52,26 +53,33 @@ class SamplingParams:
 
 
 class TokenStats:
-    """Per-slot token bookkeeping for penalties: which ids were seen (prompt and output) and how
-    often each was generated. Lives on the device; rows are engine slots."""
+    """Per-slot token bookkeeping for penalties: the distinct ids seen so far (prompt and output,
+    for the repetition penalty) and how often each id was generated (presence/frequency). Rows
+    are engine slots. The repetition penalty then touches only the seen ids, not the vocabulary."""
 
     def __init__(self, slots: int, vocab: int, device: torch.device) -> None:
-        self.seen = torch.zeros(slots, vocab, dtype=torch.bool, device=device)
+        self.seen: list[dict[int, None]] = [{} for _ in range(slots)]  # insertion-ordered sets
         self.counts = torch.zeros(slots, vocab, dtype=torch.int32, device=device)
 
-    def reset(self, slot: int, prompt: torch.Tensor) -> None:
-        self.seen[slot].zero_()
+    def reset(self, slot: int, prompt: list[int]) -> None:
+        self.seen[slot] = dict.fromkeys(prompt)
         self.counts[slot].zero_()
-        self.seen[slot, prompt] = True
 
-    def add(self, rows: slice, tokens: torch.Tensor) -> None:
-        idx = torch.arange(rows.start, rows.stop, device=tokens.device)
-        self.seen[idx, tokens] = True
-        self.counts[idx, tokens] += 1
+    def add(self, rows: slice, tokens: list[int]) -> None:
+        for slot, token in zip(range(rows.start, rows.stop), tokens, strict=True):
+            self.seen[slot][token] = None
+        idx = torch.arange(rows.start, rows.stop, device=self.counts.device)
+        self.counts[idx, torch.tensor(tokens, device=self.counts.device)] += 1
 
     def move(self, src: int, dst: int) -> None:
         self.seen[dst] = self.seen[src]
         self.counts[dst] = self.counts[src]
+
+    def seen_ids(self, rows: slice, device: torch.device) -> torch.Tensor:
+        """[n, width] seen ids per row, padded by repeating the row's first id."""
+        lists = [list(self.seen[slot]) for slot in range(rows.start, rows.stop)]
+        width = max(len(ids) for ids in lists)
+        return torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in lists], device=device)
 
 
 def _column(values: list[float], logits: torch.Tensor) -> torch.Tensor:
@@ -94,8 +102,9 @@ def select_tokens(
     logits = logits.float()
     if any(p.repetition_penalty != 1.0 for p in params):
         penalty = _column([p.repetition_penalty for p in params], logits)
-        penalized = torch.where(logits > 0, logits / penalty, logits * penalty)
-        logits = torch.where(stats.seen[rows], penalized, logits)
+        ids = stats.seen_ids(rows, logits.device)
+        picked = logits.gather(1, ids)
+        logits = logits.scatter(1, ids, torch.where(picked > 0, picked / penalty, picked * penalty))
     if any(p.presence_penalty or p.frequency_penalty for p in params):
         counts = stats.counts[rows].float()
         logits = logits - _column([p.presence_penalty for p in params], logits) * (counts > 0)
@@ -114,7 +123,7 @@ def select_tokens(
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = sub.sort(dim=-1, descending=True)
         ranks = torch.arange(sub.shape[-1], device=sub.device)[None]
-        k = torch.tensor([k if k > 0 else sub.shape[-1] for k in top_k], device=sub.device)[:, None]
+        k = torch.tensor([min(k, sub.shape[-1]) or sub.shape[-1] for k in top_k], device=sub.device)[:, None]
         drop = ranks >= k
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least the first token).

@@ -9,6 +9,7 @@ collect into one response, or forward as SSE chunks. Client mistakes are 4xx wit
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import json
@@ -49,14 +50,15 @@ def _auth_dependency(api_keys: set[str], basic_auth: str | None):
         if not api_keys and not basic_auth:
             return
         scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() == "bearer" and any(secrets.compare_digest(value, k) for k in api_keys):
+        given = value.encode("utf-8", "surrogateescape")  # compare bytes: any header text is safe
+        if scheme.lower() == "bearer" and any(secrets.compare_digest(given, k.encode()) for k in api_keys):
             return
         if scheme.lower() == "basic" and basic_auth:
             try:
-                given = base64.b64decode(value, validate=True).decode()
-            except (binascii.Error, UnicodeDecodeError):
-                given = ""
-            if secrets.compare_digest(given, basic_auth):
+                decoded = base64.b64decode(given, validate=True)
+            except binascii.Error:
+                decoded = b""
+            if secrets.compare_digest(decoded, basic_auth.encode()):
                 return
         raise APIError(401, "Missing or wrong credentials: send 'Authorization: Bearer <key>' (or HTTP Basic).",
                        "authentication_error", "invalid_api_key")
@@ -143,7 +145,9 @@ def create_app(
             stop=stops,
             logprobs=logprobs,
         )
-        params = [SamplingParams(**base, seed=None if body.seed is None else body.seed + i) for i in range(body.n)]
+        # Choice i draws with seed + i; any integer a client sends maps into the generator's range.
+        params = [SamplingParams(**base, seed=None if body.seed is None else (body.seed + i) % 2**63)
+                  for i in range(body.n)]
         try:
             params[0].validate()
         except ValueError as exc:
@@ -181,7 +185,7 @@ def create_app(
 
     # ----- chat completions -----------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=auth)
-    async def chat_completions(body: ChatCompletionRequest):
+    async def chat_completions(body: ChatCompletionRequest, request: Request):
         check_model(body.model)
         if log_requests:
             logger.info("chat request: %s", body.model_dump_json(exclude_none=True))
@@ -200,7 +204,7 @@ def create_app(
         requests = [(prompt.ids, p) for p in params]
 
         if not body.stream:
-            seqs = await _run(engine, requests)
+            seqs = await _run(engine, requests, request)
             check_errors(seqs)
             choices = []
             for i, seq in enumerate(seqs):
@@ -266,7 +270,7 @@ def create_app(
 
     # ----- text completions -----------------------------------------------------------------------
     @app.post("/v1/completions", dependencies=auth)
-    async def completions(body: CompletionRequest):
+    async def completions(body: CompletionRequest, request: Request):
         check_model(body.model)
         if log_requests:
             logger.info("completion request: %s", body.model_dump_json(exclude_none=True))
@@ -290,7 +294,7 @@ def create_app(
             return prompts[i // body.n] if body.echo else ""
 
         if not body.stream:
-            seqs = await _run(engine, requests)
+            seqs = await _run(engine, requests, request)
             check_errors(seqs)
             choices = [{"index": i, "text": prefix(i) + s.text, "finish_reason": finish_reason(s),
                         "logprobs": text_logprobs(s) if body.logprobs is not None else None}
@@ -329,11 +333,21 @@ def create_app(
     return app
 
 
-async def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]]) -> list[Sequence]:
-    """Run requests to completion on the engine (cancelled if the client goes away)."""
+async def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]], client: Request) -> list[Sequence]:
+    """Run requests to completion on the engine; if the client goes away first, cancel them."""
     seqs: dict[int, Sequence] = {}
-    async for i, seq, _, _ in engine.stream_many(requests):
-        seqs[i] = seq
+
+    async def collect() -> None:
+        async for i, seq, _, _ in engine.stream_many(requests):
+            seqs[i] = seq
+
+    task = asyncio.ensure_future(collect())
+    while not task.done():
+        await asyncio.wait([task], timeout=0.25)
+        if not task.done() and await client.is_disconnected():
+            task.cancel()  # stream_many's cleanup cancels the sequences
+            raise APIError(499, "The client closed the request.")
+    task.result()
     return [seqs[i] for i in range(len(requests))]
 
 
