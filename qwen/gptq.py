@@ -26,7 +26,8 @@ Loading (``AutoModelForCausalLM.from_pretrained(folder, gptq_backend=...)`` afte
   per output channel), so the blocks take 1 byte per weight and decode faster on a CPU. It adds a
   small rounding error on top of GPTQ's.
 * ``"gptqmodel"``: transformers' own GPTQ integration with gptqmodel's kernels (the ``quant``
-  extra); the default when gptqmodel and optimum are installed.
+  extra); the default when gptqmodel and optimum are installed, or when the caller passes a
+  ``quantization_config`` (transformers' GPTQConfig, as Q-LoRA does).
 
 Making a folder (``python run_gptq.py --model_name_or_path ... --data_path ... --out_path ...``) runs
 the GPTQ algorithm layer by layer on calibration conversations: see :func:`quantize_model`.
@@ -241,7 +242,8 @@ def find_gptq_config(path: str | Path, config=None, hub: dict[str, Any] | None =
             qc = json.loads(config_file.read_text()).get("quantization_config")
     if qc is not None:
         qc = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc)
-        method = str(qc.get("quant_method", "")).lower()
+        # AutoGPTQ-era exports may lack quant_method; bits + group_size are GPTQ's own fields.
+        method = str(qc.get("quant_method") or ("gptq" if {"bits", "group_size"} <= qc.keys() else "")).lower()
         return (qc, f"{path}/config.json quantization_config") if method == "gptq" else None
     found = _resolve(path, "quantize_config.json", hub)
     if found is None:
@@ -349,7 +351,7 @@ def load_if_gptq(cls, path, kwargs: dict[str, Any]):
         raise GPTQError(f"gptq_backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
     config = kwargs["config"]
     hub = {k: kwargs.get(k) for k in HUB_KWARGS if kwargs.get(k) is not None}
-    found = find_gptq_config(path, config, hub)
+    found = find_gptq_config(path, config, hub) if path is not None else None
     if found is None:
         if backend != "auto":
             raise GPTQError(f"gptq_backend={backend!r} was given, but {path} is not a GPTQ checkpoint (its config.json "
@@ -357,7 +359,9 @@ def load_if_gptq(cls, path, kwargs: dict[str, Any]):
         return None
     qc, where = found
     if backend == "auto":
-        backend = "gptqmodel" if gptqmodel_available() else "dequant"
+        # A quantization_config argument (transformers' GPTQConfig, as Q-LoRA passes) asks for transformers' path.
+        wants_transformers = kwargs.get("quantization_config") is not None
+        backend = "gptqmodel" if wants_transformers or gptqmodel_available() else "dequant"
     if backend == "gptqmodel":
         require_gptqmodel()
         config.quantization_config = {**qc, "quant_method": "gptq"}  # also for quantize_config.json-only folders

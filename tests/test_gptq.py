@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
 from qwen.gptq import (
     GPTQError,
@@ -76,6 +76,14 @@ HELD_OUT = (
     "Quiet rooms on the second floor can be booked for group study, and the café on the ground floor "
     "serves coffee, tea and sandwiches until five. 图书馆周末也开放，但闭馆时间提前到下午四点。"
 )
+
+
+@pytest.fixture(autouse=True)
+def default_backend_is_dequant(monkeypatch, request):
+    """Where the quant extra is installed the default backend would be gptqmodel; these tests are about
+    the plain-PyTorch loader, so the default stays "dequant" (except in the gptqmodel test)."""
+    if "gptqmodel_reads" not in request.node.name:
+        monkeypatch.setattr("qwen.gptq.gptqmodel_available", lambda: False)
 
 
 def conversations() -> list[dict]:
@@ -446,6 +454,9 @@ def test_backend_arguments(tmp_path, tiny_chat):
     if not gptqmodel_available():
         with pytest.raises(ImportError, match=r'pip install -e "\.\[quant\]".*CUDA build of PyTorch'):
             AutoModelForCausalLM.from_pretrained(tmp_path / "q", gptq_backend="gptqmodel")
+        # transformers' GPTQConfig (Q-LoRA passes one) asks for the gptqmodel path too
+        with pytest.raises(ImportError, match=r"needs gptqmodel"):
+            AutoModelForCausalLM.from_pretrained(tmp_path / "q", quantization_config=GPTQConfig(bits=4))
 
 
 def test_run_gptq_refuses_bad_input(tmp_path, fp32_folder, calib_file):
