@@ -289,7 +289,7 @@ def start_long_reply_and_stop(page, text: str) -> str:
         arg=n,
     )
     page.click("#stop")
-    page.wait_for_function(IDLE_JS, arg={"n": n, "user": text}, timeout=20_000)
+    page.wait_for_function(IDLE_JS, arg={"n": n, "user": text}, timeout=90_000)
     stopped = bots(page)[-1]
     time.sleep(1.5)
     assert bots(page)[-1] == stopped, "the reply kept growing after Stop"
