@@ -29,8 +29,6 @@ import transformers
 
 from .finetune_data import DataError, make_supervised_data_module
 
-logger = logging.getLogger(__name__)
-
 RECORD_FILE = "qwen_finetune.json"  # what finetune.py wrote into an output folder: method, base, quantization
 REMOTE_CODE_SUFFIXES = (".py", ".cu", ".cpp")
 
@@ -401,8 +399,6 @@ def merge_lora(adapter_dir: str, out_dir: str, base: str | None = None, max_shar
     """Fold a LoRA adapter into its base model and save safetensors, tokenizer and generation config."""
     from peft import AutoPeftModelForCausalLM, PeftConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import qwen  # noqa: F401  (Auto registrations)
 
     adapter = Path(adapter_dir)
     if not (adapter / "adapter_config.json").is_file():
