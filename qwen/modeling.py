@@ -417,6 +417,7 @@ def make_cache(config: QWenConfig) -> Cache:
 class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
     def __init__(self, config: QWenConfig) -> None:
         super().__init__(config)
+        self.loss_type = "ForCausalLM"  # transformers guesses it from the class name, which does not say
         self.transformer = QWenModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
