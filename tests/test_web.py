@@ -315,6 +315,23 @@ def test_a_stopped_reply_stays_in_the_conversation(page):
     assert users(page) == ["hello", "tell me a long story", "short one please"]
 
 
+def test_clear_during_a_reply_ends_it_and_it_does_not_come_back(page):
+    set_slider(page, "Max new tokens", 2000)
+    page.fill("#msg textarea", "tell me a long story")
+    page.press("#msg textarea", "Enter")
+    page.wait_for_function(
+        "() => { const b = document.querySelectorAll('#chatbot [data-testid=\"bot\"]');"
+        " return b.length === 1 && b[0].innerText.trim().length > 20 && !b[0].innerText.includes('Loading'); }"
+    )
+    page.click("#clear")
+    page.wait_for_function(IDLE_JS, arg={"n": 0, "user": None}, timeout=90_000)
+    time.sleep(1.5)
+    assert bots(page) == [] and users(page) == [], "the cleared reply came back"
+    set_slider(page, "Max new tokens", 8)
+    send(page, "fresh start")
+    assert users(page) == ["fresh start"]
+
+
 def test_two_users_have_their_own_history(browser, web_url):
     alice, bob = open_chat(browser, web_url), open_chat(browser, web_url)
     try:

@@ -4,11 +4,10 @@ Each browser session has its own history; replies stream; Stop cancels the gener
 output is shown as sanitized Markdown, so HTML or script in a reply never runs in the page.
 """
 
-from __future__ import annotations
-
 import argparse
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,12 +32,27 @@ def to_messages(history: list[tuple[str, str]]) -> list[dict]:
     return [m for q, r in history for m in ({"role": "user", "content": q}, {"role": "assistant", "content": r})]
 
 
+class _Run:
+    """One reply being generated for one browser session: ``stop`` asks it to end, ``done`` says it has."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.done = threading.Event()
+
+
 def build_ui(model, tokenizer, title: str = "Qwen"):
-    """The gradio Blocks app around a loaded model."""
+    """The gradio Blocks app around a loaded model.
+
+    Stop and Clear end a running reply through a per-session flag that the generator checks between
+    tokens, so the reply ends like a finished one. Gradio's own ``cancels`` kills the event's task
+    instead, and the page then sometimes shows "Error" for the stopped stream (gradio issues 10648,
+    10342)."""
     import gradio as gr
 
-    def generate(query: str, history: list, system: str, temperature: float, top_p: float, max_new_tokens: int
-                 ) -> Iterator[tuple[list[dict], list, str]]:
+    runs: dict[str, _Run] = {}
+
+    def generate(query: str, history: list, system: str, temperature: float, top_p: float, max_new_tokens: int,
+                 request: gr.Request) -> Iterator[tuple[list[dict], list, str]]:
         query = (query or "").strip()
         if not query:
             gr.Warning("Type a message first.")
@@ -49,20 +63,41 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
             settings.update(do_sample=True, temperature=float(temperature))
         else:
             settings.update(do_sample=False)
+        run = runs[request.session_hash] = _Run()
         turn = history + [(query, "")]
-        for reply in model.chat_stream(tokenizer, query, history=history, system=system or DEFAULT_SYSTEM,
-                                       **settings):
-            # The state follows the screen at every step, so a stopped reply stays in the conversation.
-            turn = history + [(query, reply)]
-            yield to_messages(turn), turn, ""
-        yield to_messages(turn), turn, ""
+        replies = model.chat_stream(tokenizer, query, history=history, system=system or DEFAULT_SYSTEM, **settings)
+        try:
+            for reply in replies:
+                if run.stop.is_set():
+                    return  # the screen already shows the last yielded turn
+                # The state follows the screen at every step, so a stopped reply stays in the conversation.
+                turn = history + [(query, reply)]
+                yield to_messages(turn), turn, ""
+            if not run.stop.is_set():
+                yield to_messages(turn), turn, ""
+        finally:
+            replies.close()  # ends the generation thread at once
+            if runs.get(request.session_hash) is run:
+                del runs[request.session_hash]
+            run.done.set()
 
-    def regenerate(history: list, *rest) -> Iterator[tuple[list[dict], list, str]]:
+    def stop_generation(request: gr.Request) -> None:
+        """End this session's running reply and wait until it has ended, so a Clear that follows wins."""
+        if (run := runs.get(request.session_hash)) is not None:
+            run.stop.set()
+            run.done.wait(timeout=60)
+
+    def stop_and_clear(request: gr.Request) -> tuple[list, list]:
+        stop_generation(request)
+        return [], []
+
+    def regenerate(history: list, system: str, temperature: float, top_p: float, max_new_tokens: int,
+                   request: gr.Request) -> Iterator[tuple[list[dict], list, str]]:
         if not history:
             yield [], history, ""
             return
         *earlier, (query, _) = history
-        yield from generate(query, list(earlier), *rest)
+        yield from generate(query, list(earlier), system, temperature, top_p, max_new_tokens, request)
 
     with gr.Blocks(title=title) as demo:
         gr.Markdown(f"## {title}")
@@ -82,11 +117,11 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
             max_new = gr.Slider(1, 2048, value=int(model.generation_config.max_new_tokens or 512), step=1,
                                 label="Max new tokens")
         inputs = [system, temperature, top_p, max_new]
-        submit_event = msg.submit(generate, [msg, history, *inputs], [chatbot, history, msg])
-        regen_event = regen.click(regenerate, [history, *inputs], [chatbot, history, msg])
-        stop.click(None, cancels=[submit_event, regen_event])
-        clear.click(lambda: ([], [], ""), None, [chatbot, history, msg], cancels=[submit_event, regen_event])
-        chatbot.clear(lambda: ([], ""), None, [history, msg], cancels=[submit_event, regen_event])
+        msg.submit(generate, [msg, history, *inputs], [chatbot, history, msg])
+        regen.click(regenerate, [history, *inputs], [chatbot, history, msg])
+        stop.click(stop_generation, None, None, queue=False)
+        for clearing in (clear.click, chatbot.clear):  # our button and the Chatbot's own trash can
+            clearing(stop_and_clear, None, [chatbot, history], queue=False)
     return demo
 
 
