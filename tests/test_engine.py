@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 from qwen.convert import to_qwen2
 from qwen.engine import Engine, Sequence
 from qwen.quantize import Int8Linear, quantize_int8_
-from qwen.sampling import SamplingParams
+from qwen.sampling import SamplingParams, argmax_rows
 from qwen.tiny import make_tiny_checkpoint
 
 N = 10  # new tokens of the shared greedy references
@@ -103,6 +103,18 @@ def started(tiny_model, tokenizer):
 
 
 # ----- greedy equals model.generate ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [151851, 151936, 1031, 7])  # tiny, real Qwen, prime, smaller than a block
+def test_argmax_rows_equals_torch_argmax(vocab):
+    g = torch.Generator().manual_seed(vocab)
+    x = torch.randn(5, vocab, generator=g)
+    x[1] = 0.0  # all ties: the first index
+    x[2, vocab // 2 :] = 50.0  # a tie across blocks
+    x[3, vocab - 1] = float("nan")  # NaN wins, as in torch.argmax
+    x[4, 0] = 1e9
+    assert torch.equal(argmax_rows(x), x.argmax(dim=-1))
+    assert torch.equal(argmax_rows(x.t().contiguous().t()), x.argmax(dim=-1))  # non-contiguous input
 
 
 @pytest.mark.parametrize("which", ["tiny", "sharp"])
