@@ -3,7 +3,8 @@
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth:
 int8 weights move half the bytes of bf16. Each output channel gets one scale (symmetric,
 round-to-nearest); PyTorch's ``_weight_int8pack_mm`` kernel multiplies without dequantizing the
-whole matrix. Where that kernel is missing (some CUDA builds) the layer dequantizes on the fly.
+whole matrix for a few rows; for many rows (a prefill) and off the CPU the layer dequantizes on the
+fly and runs one matmul.
 """
 
 from __future__ import annotations
@@ -11,6 +12,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+# PyTorch's CPU int8 weight kernel is a matrix-vector loop: its time grows with every row, so past
+# a few dozen rows (a prefill) dequantizing the weight and running one matmul is faster (measured
+# on a 2048x5504 layer: 32 rows 5.7 vs 9.0 ms, 1024 rows 172 vs 27 ms).
+INT8_KERNEL_MAX_ROWS = 32
 
 
 class Int8Linear(nn.Module):
@@ -28,7 +34,7 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         scales = self.scales.to(x.dtype)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and flat.shape[0] <= INT8_KERNEL_MAX_ROWS:
             out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, scales)
         else:
             out = F.linear(flat, self.weight.to(x.dtype) * scales[:, None])
