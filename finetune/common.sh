@@ -9,7 +9,7 @@
 #   DEVICE_ARGS           --bf16 True (GPU) or --use_cpu True (CPU, fp32)
 #   ON_CPU                1 when no GPU is used
 #   FINETUNE              path of finetune.py;  PYTHON: the interpreter (env PYTHON, default python)
-# and the function deepspeed_args CONFIG, which sets DS_ARGS.
+# and the functions deepspeed_args CONFIG, which sets DS_ARGS, and train_args, which sets TRAIN_ARGS.
 
 FINETUNE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 FINETUNE="$FINETUNE_DIR/finetune.py"
@@ -93,4 +93,17 @@ function deepspeed_args() {
         echo "note: DeepSpeed runs on the CPU too; its first run compiles two CPU ops (about a minute," \
              "cached under ~/.cache/torch_extensions). USE_DEEPSPEED=0 skips it." >&2
     fi
+}
+
+# TRAIN_ARGS: model, data, device and the original scripts' hyperparameters, of which only
+# epochs, per-device batch size, gradient accumulation and learning rate differ between them.
+# Call after qlora_precision, which may change DEVICE_ARGS.
+function train_args() {  # EPOCHS BATCH_SIZE GRADIENT_ACCUMULATION LEARNING_RATE
+    TRAIN_ARGS=(--model_name_or_path "$MODEL" --data_path "$DATA" "${DEVICE_ARGS[@]}"
+        --output_dir output_qwen --num_train_epochs "$1" --per_device_train_batch_size "$2"
+        --per_device_eval_batch_size 1 --gradient_accumulation_steps "$3"
+        --eval_strategy "no" --save_strategy "steps" --save_steps 1000 --save_total_limit 10
+        --learning_rate "$4" --weight_decay 0.1 --adam_beta2 0.95 --warmup_ratio 0.01
+        --lr_scheduler_type "cosine" --logging_steps 1 --report_to "none"
+        --model_max_length 512 --lazy_preprocess True --gradient_checkpointing True)
 }

@@ -12,29 +12,5 @@ DS_CONFIG_PATH="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)/ds_config_zero2.js
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 deepspeed_args "$DS_CONFIG_PATH"
 
-"$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" "$FINETUNE" \
-    --model_name_or_path "$MODEL" \
-    --data_path "$DATA" \
-    "${DEVICE_ARGS[@]}" \
-    --output_dir output_qwen \
-    --num_train_epochs 5 \
-    --per_device_train_batch_size 2 \
-    --per_device_eval_batch_size 1 \
-    --gradient_accumulation_steps 8 \
-    --eval_strategy "no" \
-    --save_strategy "steps" \
-    --save_steps 1000 \
-    --save_total_limit 10 \
-    --learning_rate 3e-4 \
-    --weight_decay 0.1 \
-    --adam_beta2 0.95 \
-    --warmup_ratio 0.01 \
-    --lr_scheduler_type "cosine" \
-    --logging_steps 1 \
-    --report_to "none" \
-    --model_max_length 512 \
-    --lazy_preprocess True \
-    --use_lora \
-    --gradient_checkpointing True \
-    "${DS_ARGS[@]}" \
-    "${EXTRA_ARGS[@]}"
+train_args 5 2 8 3e-4
+"$PYTHON" -m torch.distributed.run "${DISTRIBUTED_ARGS[@]}" "$FINETUNE" "${TRAIN_ARGS[@]}" --use_lora "${DS_ARGS[@]}" "${EXTRA_ARGS[@]}"
