@@ -17,11 +17,11 @@ from __future__ import annotations
 import argparse
 import os
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 
 import torch
+from peak_rss import PeakRSS  # bench/peak_rss.py (the script's folder is on sys.path)
 
 import qwen  # noqa: F401
 from qwen.config import QWenConfig
@@ -36,29 +36,6 @@ from qwen.tokenizer import QWenTokenizer
 SHAPES = {
     "1.8b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=16, intermediate_size=11008),
 }
-
-
-class PeakRSS:
-    """Highest resident memory of this process while the block runs (sampled every 5 ms)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.peak, self._stop = self.rss(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, self.rss())
 
 
 def bandwidths(nbytes: int = 1 << 30) -> dict[str, float]:
@@ -109,7 +86,7 @@ def measure(name: str, run, prompt_len: int, prefill_len: int, new_tokens: int) 
     for batch in (1, 8):
         prompts = torch.randint(0, 150000, (batch, prompt_len), generator=gen)
         run(prompts, 2)  # warm-up
-        with PeakRSS() as mem:
+        with PeakRSS(interval=0.005) as mem:
             first = min(timed(lambda p=prompts: run(p, 1)) for _ in range(2))
             full = timed(lambda p=prompts: run(p, 1 + new_tokens))
         row[f"decode b{batch} tok/s"] = batch * new_tokens / max(full - first, 1e-9)

@@ -27,11 +27,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import torch
+from peak_rss import PeakRSS  # bench/peak_rss.py (the script's folder is on sys.path)
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
@@ -44,30 +44,6 @@ ROWS = {
     "GPTQ int4, dequant": ("gptq4", "bfloat16", "dequant", False),
     "GPTQ int4, int8 backend": ("gptq4", "bfloat16", "int8", False),
 }
-
-
-class PeakRSS:
-    """Highest resident memory of this process while the block runs (sampled every 2 ms)."""
-
-    def __enter__(self) -> PeakRSS:
-        self.peak, self._stop = self.rss(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self.rss())
-
-    @staticmethod
-    def rss() -> int:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-    def _watch(self) -> None:
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self.rss())
 
 
 def sample_texts(tokenizer, chunk: int) -> tuple[list[list[int]], list[int]]:
