@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from qwen.convert import to_qwen2
 from qwen.engine import Engine, Sequence
-from qwen.quantize import INT8_KERNEL_MAX_ROWS, Int8Linear, quantize_int8_
+from qwen.quantize import Int8Linear, quantize_int8_
 from qwen.sampling import SamplingParams, argmax_rows
 from qwen.tiny import make_tiny_checkpoint
 
@@ -633,26 +633,6 @@ def test_int8_weights(tiny_chat, tokenizer, prompts):
     with torch.no_grad():  # its first token is the argmax of the int8 model's own last logits
         first = int8(torch.tensor([prompts[5]])).logits[0, -1].argmax().item()
     assert seqs[1].output_ids[0] == first
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_kernel_and_dequantized_paths_agree(dtype):
-    """Few rows run PyTorch's int8 kernel, many rows a dequantized matmul: both compute x @ (q * s).T + b."""
-    g = torch.Generator().manual_seed(0)
-    linear = torch.nn.Linear(96, 40).to(dtype)
-    with torch.no_grad():
-        linear.weight.copy_(torch.randn(40, 96, generator=g))
-    layer = Int8Linear(linear)
-    reference_weight = layer.weight.float() * layer.scales.float()[:, None]
-    x = torch.randn(3, INT8_KERNEL_MAX_ROWS + 5, 96, generator=g).to(dtype)  # 111 rows: the dequantized path
-    with torch.no_grad():
-        many = layer(x).float()
-        few = torch.cat([layer(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1).float()  # the kernel
-    expected = x.float() @ reference_weight.T + linear.bias.float()
-    tolerance = 1e-4 if dtype == torch.float32 else 0.1
-    assert few.shape == many.shape == expected.shape
-    assert (few - expected).abs().max() < tolerance * expected.abs().max()
-    assert (many - expected).abs().max() < tolerance * expected.abs().max()
 
 
 # ----- the slot cache grows -----------------------------------------------------------------------
