@@ -18,60 +18,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import openai
+
+from qwen.serve.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "bench"
 TOPICS = ["rivers", "mountains", "databases", "compilers", "gardens", "trains", "music", "chess", "oceans",
           "bridges", "robots", "coffee", "deserts", "volcanoes", "libraries", "satellites"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, checkpoint: Path, batch: int, extra: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        cmd = [sys.executable, str(ROOT / "openai_api.py"), "-c", str(checkpoint), "--server-port", str(self.port),
-               "--model-name", MODEL, "--max-batch-size", str(batch), *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT)
-
-    def wait(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited:\n{Path(self.log.name).read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"the server did not start:\n{Path(self.log.name).read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-        os.unlink(self.log.name)
 
 
 @dataclass
@@ -125,7 +85,8 @@ async def run_level(url: str, clients: int, rounds: int, max_tokens: int, extra:
 
 
 def bench_server(checkpoint: Path, batch: int, levels: list[int], args) -> list[Level]:
-    server = Server(checkpoint, batch, args.server_args)
+    server = ServerProcess(checkpoint, "--model-name", MODEL, "--max-batch-size", str(batch), *args.server_args,
+                           command=[sys.executable, str(ROOT / "openai_api.py")], cwd=ROOT)
     try:
         server.wait()
         extra = {} if args.repetition_penalty is None else {"repetition_penalty": args.repetition_penalty}

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from schemathesis.checks import not_a_server_error
 from torch import nn
 
 from qwen.chat import DEFAULT_SYSTEM, make_context
+from qwen.serve.process import ServerProcess, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
@@ -35,45 +35,10 @@ SMALL_CONTEXT = 48
 # ----- servers ------------------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """One ``python openai_api.py`` subprocess (its log goes to a file, shown when it fails to start)."""
-
-    def __init__(self, folder: Path, log: Path, *extra: str) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self.log_file = log.open("w")
-        cmd = [sys.executable, "openai_api.py", "-c", str(folder), "--server-port", str(self.port),
-               "--model-name", MODEL, *extra]
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, stdout=self.log_file, stderr=subprocess.STDOUT)
-
-    def wait(self, timeout: float = 240) -> Server:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"server did not become healthy:\n{self.log.read_text()[-3000:]}")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log_file.close()
+def start_server(folder: Path, log: Path, *extra: str) -> ServerProcess:
+    """The user's entry point, ``python openai_api.py``, as a subprocess logging to ``log``."""
+    return ServerProcess(folder, "--model-name", MODEL, *extra, command=[sys.executable, "openai_api.py"], cwd=ROOT,
+                         log=log)
 
 
 @pytest.fixture(scope="module")
@@ -81,9 +46,9 @@ def _servers(tiny_chat, tmp_path_factory):
     """All subprocess servers start together (their start-up is mostly imports) and stop at the end."""
     logs = tmp_path_factory.mktemp("server-logs")
     servers = {
-        "plain": Server(tiny_chat, logs / "plain.log"),
-        "auth": Server(tiny_chat, logs / "auth.log", "--api-keys", "k1,k2", "--api-auth", "user:pw"),
-        "small": Server(tiny_chat, logs / "small.log", "--max-model-len", str(SMALL_CONTEXT)),
+        "plain": start_server(tiny_chat, logs / "plain.log"),
+        "auth": start_server(tiny_chat, logs / "auth.log", "--api-keys", "k1,k2", "--api-auth", "user:pw"),
+        "small": start_server(tiny_chat, logs / "small.log", "--max-model-len", str(SMALL_CONTEXT)),
     }
     yield servers
     for server in servers.values():
@@ -91,17 +56,17 @@ def _servers(tiny_chat, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(_servers) -> Server:
+def server(_servers) -> ServerProcess:
     return _servers["plain"].wait()
 
 
 @pytest.fixture(scope="module")
-def auth_server(_servers) -> Server:
+def auth_server(_servers) -> ServerProcess:
     return _servers["auth"].wait()
 
 
 @pytest.fixture(scope="module")
-def small_server(_servers) -> Server:
+def small_server(_servers) -> ServerProcess:
     return _servers["small"].wait()
 
 
@@ -348,7 +313,7 @@ def test_concurrent_streams_match_sequential(server, client):
     assert len(set(alone)) > 1
 
 
-def health(server: Server) -> dict:
+def health(server: ServerProcess) -> dict:
     return httpx.get(f"{server.url}/health", timeout=5).json()
 
 
@@ -560,6 +525,16 @@ def test_missing_checkpoint_points_to_tiny():
     result = subprocess.run([sys.executable, "openai_api.py"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode != 0
     assert "python -m qwen.tiny" in result.stderr
+
+
+def test_server_process_shows_why_a_server_did_not_start(tmp_path):
+    """``ServerProcess`` (default command ``python -m qwen.serve.main``) raises with the child's own error."""
+    server = ServerProcess(tmp_path / "no-such-folder")
+    with pytest.raises(RuntimeError, match="exited with code [1-9]") as info:
+        server.wait(timeout=120)
+    assert "no-such-folder" in str(info.value)
+    server.stop()
+    assert not server.log.exists()  # its temporary log is removed
 
 
 # ----- schemathesis -------------------------------------------------------------------------------
