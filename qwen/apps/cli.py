@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from ..loading import add_model_args, load_model
@@ -100,24 +102,32 @@ class ChatSession:
         return True
 
     def reply(self, query: str) -> None:
-        """Stream one reply; Ctrl-C stops it and keeps the chat (the partial reply is not kept)."""
+        """Stream one reply; Ctrl-C stops it and keeps the chat (the partial reply is not kept).
+
+        During a reply Ctrl-C only raises a flag that the loop checks after each piece of text: a
+        KeyboardInterrupt could land inside the console's own printing and leave it buffering."""
         stream = self.model.chat_stream(
             self.tokenizer, query, history=self.history, system=self.system,
             generation_config=self.config, seed=self.seed,
         )
+        interrupted = threading.Event()
+        previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
         shown = ""
         self.console.print("qwen> ", end="")
         try:
             for text in stream:
                 self.console.print(text[len(shown):] if text.startswith(shown) else "\n" + text, end="")
                 shown = text
-        except KeyboardInterrupt:
-            stream.close()
-            self.console.print("\n[reply stopped]")
-            return
+                if interrupted.is_set():
+                    break
         except Exception as exc:  # e.g. a :conf value that generation rejects
-            stream.close()
             self.console.print(f"\nerror: {exc}\n(change the setting with :conf, or :reset-conf)")
+            return
+        finally:
+            stream.close()  # stops the generation if it is still running
+            signal.signal(signal.SIGINT, previous)
+        if interrupted.is_set():
+            self.console.print("\n[reply stopped]")
             return
         self.console.print()
         self.history.append((query, shown))
