@@ -87,6 +87,21 @@ def _put_ninja_on_path() -> None:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
 
 
+def quantize_rows(w: torch.Tensor, block_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest int8 with one fp32 scale per row: ``w ~ q * scale[:, None]``.
+
+    Works through ``block_rows`` rows at a time, so its fp32 temporaries stay a few MiB instead of
+    several copies of the whole matrix (a 7B model's lm_head alone is 2.5 GB in fp32)."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], block_rows):
+        rows = slice(start, start + block_rows)
+        block = w[rows].to(torch.float32, copy=True)  # never divide the caller's weight in place
+        scale[rows] = (block.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        q[rows] = block.div_(scale[rows, None]).round_().clamp_(-128, 127)
+    return q, scale
+
+
 class Int8Linear(nn.Module):
     """A Linear layer whose weight is stored as int8 with one scale per output channel.
 
@@ -95,10 +110,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear, kernel: Kernel = "auto") -> None:
         super().__init__()
-        w = linear.weight.detach().float()
-        scale = (w.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        self.register_buffer("weight", torch.round(w / scale[:, None]).clamp(-128, 127).to(torch.int8))
-        self.register_buffer("scales", scale.to(linear.weight.dtype))
+        weight, scales = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales.to(linear.weight.dtype))
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.use_qwen_kernel = kernel != "torch" and qwen_int8_kernel() is not None

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from qwen.engine import Engine
-from qwen.quantize import INT8_KERNEL_MAX_ROWS, Int8Linear, quantize_int8_, qwen_int8_kernel
+from qwen.quantize import INT8_KERNEL_MAX_ROWS, Int8Linear, quantize_int8_, quantize_rows, qwen_int8_kernel
 from qwen.sampling import SamplingParams
 
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -30,6 +30,21 @@ def kernel():
     op = qwen_int8_kernel()
     assert op is not None, "qwen's int8 kernel did not build on an AVX-512 machine (see the warning)"
     return op
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_rows_block_by_block_equals_whole_matrix_formula(dtype):
+    g = torch.Generator().manual_seed(2)
+    w = (torch.randn(1000, 48, generator=g) * torch.rand(1000, 1, generator=g)).to(dtype)
+    w[7] = 0  # an all-zero row gets the smallest scale, not a division by zero
+    original = w.clone()
+    q, scale = quantize_rows(w, block_rows=64)  # 15 full blocks and a partial one
+    full = w.float()
+    expected_scale = (full.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+    assert torch.equal(scale, expected_scale)
+    assert torch.equal(q, torch.round(full / expected_scale[:, None]).clamp(-128, 127).to(torch.int8))
+    assert torch.equal(w, original)  # the caller's weight is untouched
+    assert q.abs().amax(dim=1)[torch.arange(1000) != 7].eq(127).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
