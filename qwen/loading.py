@@ -15,6 +15,19 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-int8", action="store_true", help="store the KV cache as int8 (~4x less than fp32)")
     parser.add_argument("--window-attn", metavar="MIN:MAX",
                         help="window attention, windows growing from MIN (lowest layer) to MAX tokens (highest)")
+    parser.add_argument("--threads", type=positive_int, metavar="N",
+                        help="CPU threads for PyTorch (default: PyTorch's, one per physical core; fewer leaves "
+                             "cores to other work, more than the physical cores slows decoding)")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
 
 
 def parse_window(spec: str) -> tuple[int, int]:
@@ -34,6 +47,8 @@ def load_model(path: str | Path, args: argparse.Namespace):
     from qwen.config import window_schedule
     from qwen.quantize import quantize_int8_
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     overrides = {}
     if args.kv_cache_int8:
         overrides["use_cache_quantization"] = True
