@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +32,7 @@ from qwen.finetune_data import (
     load_conversations,
     preprocess,
 )
+from qwen.serve.process import free_port
 from qwen.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,12 +62,6 @@ def conversations(turns):
 def write_data(path: Path, samples) -> Path:
     path.write_text(json.dumps(samples, indent=1))
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def script_env(**extra: str) -> dict[str, str]:

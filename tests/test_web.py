@@ -11,15 +11,15 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+
+from qwen.serve.process import free_port, wait_until_ok
 
 pytest.importorskip("gradio")
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -57,27 +57,6 @@ BUSY_JS = """() => {
 }"""
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http_ok(url: str, proc: subprocess.Popen | None = None, timeout: float = 150, log: Path | None = None):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            pytest.fail(f"the app exited with {proc.returncode}:\n{log.read_text() if log else ''}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.3)
-    pytest.fail(f"{url} did not answer 200 within {timeout} s:\n{log.read_text() if log else ''}")
-
-
 @pytest.fixture(scope="module")
 def web_url(tiny_chat, tmp_path_factory):
     """``web_demo.py`` serving a copy of the tiny checkpoint whose default reply length is short."""
@@ -95,7 +74,7 @@ def web_url(tiny_chat, tmp_path_factory):
         )
     url = f"http://127.0.0.1:{port}/"
     try:
-        wait_http_ok(url, proc, log=log)
+        wait_until_ok(url, 150, proc, log)
         yield url
     finally:
         proc.terminate()
@@ -375,7 +354,7 @@ def scripted_url():
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:
         url = f"http://127.0.0.1:{port}/"
-        wait_http_ok(url, timeout=60)
+        wait_until_ok(url, 60)
         yield url
     finally:
         demo.close()

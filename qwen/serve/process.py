@@ -15,7 +15,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -25,6 +24,26 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_until_ok(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    """Poll ``url`` until it answers 200. RuntimeError, with the end of ``log``, if ``proc`` exits
+    first or ``timeout`` seconds pass."""
+    def tail() -> str:
+        return log.read_text(errors="replace")[-3000:] if log is not None else ""
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with code {proc.returncode}:\n{tail()}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:  # refused while starting (URLError is an OSError), or a slow answer
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} did not answer 200 within {timeout:.0f} s:\n{tail()}")
 
 
 class ServerProcess:
@@ -45,30 +64,20 @@ class ServerProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._owns_log = log is None
-        self.log = Path(log) if log is not None else Path(tempfile.mkstemp(prefix="qwen-server-", suffix=".log")[1])
-        self._log_file = self.log.open("w")
+        if log is None:
+            self._log_file = tempfile.NamedTemporaryFile("w", prefix="qwen-server-", suffix=".log", delete=False)
+            self.log = Path(self._log_file.name)
+        else:
+            self.log = Path(log)
+            self._log_file = self.log.open("w")
         cmd = [*(command or [sys.executable, "-m", "qwen.serve.main"]), "-c", str(checkpoint),
                "--server-name", "127.0.0.1", "--server-port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self._log_file, stderr=subprocess.STDOUT)
 
     def wait(self, timeout: float = 300) -> ServerProcess:
         """Block until ``/health`` answers 200; raise RuntimeError with the log's tail if it never does."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited with code {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return self
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the server did not become healthy within {timeout:.0f} s:\n{self.log_tail()}")
-
-    def log_tail(self, chars: int = 3000) -> str:
-        self._log_file.flush()
-        return self.log.read_text(errors="replace")[-chars:]
+        wait_until_ok(f"{self.url}/health", timeout, self.proc, self.log)
+        return self
 
     def stop(self) -> None:
         """Terminate the child (kill it after 15 s) and close, or remove, its log."""
