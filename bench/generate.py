@@ -2,6 +2,7 @@
 
     python bench/generate.py                 # Qwen-1.8B shape (random bf16 weights) + tiny checkpoint
     python bench/generate.py --shape tiny    # only the tiny checkpoint (seconds)
+    python bench/generate.py --device cuda --compile --new-tokens 64   # on a GPU, with the compiled step
 
 All runners share one set of weights (Qwen2 gets views of ours; the int8 runners quantize copies)
 and run in one process, taking turns for ``--rounds`` rounds and keeping their best, so their ratios
@@ -13,7 +14,8 @@ ceiling is bandwidth / weight bytes, reported for a copy's and for a pure read's
 ``bandwidths``). Weight bytes include the embedding table, of which a decode reads one row.
 Memory: "weights GiB" is the runner's parameters and buffers, "working GiB" how far the process's
 resident memory rose during a 1024-token prefill and a batch-8 decode (KV cache, activations,
-temporaries), measured after handing free heap pages back to the OS.
+temporaries), measured after handing free heap pages back to the OS; on a GPU, how far PyTorch's
+peak allocated memory rose.
 """
 
 from __future__ import annotations
@@ -45,29 +47,25 @@ SHAPES = {
 }
 
 
-def bandwidths(nbytes: int = 1 << 30) -> dict[str, float]:
+def bandwidths(device: torch.device, nbytes: int = 1 << 30) -> dict[str, float]:
     """Memory bandwidth in bytes/s, best of five, measured two ways on a 1 GiB buffer.
 
     "copy": bytes copied per second (``dst.copy_(src)``), the ceiling issue #5 names. A copy also
     writes, so a read-only stream can beat it. "read": bytes a vectorised reduction (``amax`` over
     fp32) reads per second, the stricter ceiling for a batch-1 decode, which only reads weights."""
-    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     kernels = {"copy": lambda: dst.copy_(src), "read": src.amax}
-    best = {}
-    for name, kernel in kernels.items():
-        times = []
-        for _ in range(5):
-            t = time.perf_counter()
-            kernel()
-            times.append(time.perf_counter() - t)
-        best[name] = nbytes / min(times)
-    return best
+    return {name: nbytes / min(timed(kernel) for _ in range(5)) for name, kernel in kernels.items()}
 
 
 def timed(fn: Callable[[], object]) -> float:
+    """Seconds ``fn`` takes, its GPU work included."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else lambda: None
+    sync()
     t = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - t
 
 
@@ -96,50 +94,63 @@ def release_free_memory() -> None:
         pass
 
 
-def measure(run: Runner, prompt_len: int, prefill_len: int, new_tokens: int, memory: bool) -> dict[str, float]:
+def working_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Bytes the process's memory rose by while ``fn`` ran: resident memory on the CPU, PyTorch's
+    allocated GPU memory on CUDA."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        return torch.cuda.max_memory_allocated() - before
+    release_free_memory()
+    before = PeakRSS.rss()
+    with PeakRSS() as mem:
+        fn()
+    return mem.peak - before
+
+
+def measure(run: Runner, device: torch.device, prompt_len: int, prefill_len: int, new_tokens: int,
+            memory: bool) -> dict[str, float]:
     """One round of every measurement for one runner (the same prompts every round); with ``memory``,
     also an untimed pass for its working memory: a prefill of ``prefill_len`` then a batch-8 decode."""
     gen = torch.Generator().manual_seed(0)
     row = {}
-    prompts = {batch: torch.randint(0, 150000, (batch, prompt_len), generator=gen) for batch in (1, 8)}
+    prompts = {batch: torch.randint(0, 150000, (batch, prompt_len), generator=gen).to(device) for batch in (1, 8)}
     for batch, ids in prompts.items():
         run(ids, 2)  # warm-up
         first = min(timed(lambda p=ids: run(p, 1)) for _ in range(2))
         full = timed(lambda p=ids: run(p, 1 + new_tokens))
         row[f"decode b{batch} tok/s"] = batch * new_tokens / max(full - first, 1e-9)
-    long_prompt = torch.randint(0, 150000, (1, prefill_len), generator=gen)
+    long_prompt = torch.randint(0, 150000, (1, prefill_len), generator=gen).to(device)
     run(long_prompt[:, :64], 1)  # the first run at a new length also pays for allocations
     row["prefill tok/s"] = prefill_len / timed(lambda: run(long_prompt, 1))
     if memory:
-        release_free_memory()
-        before = PeakRSS.rss()
-        with PeakRSS() as mem:
-            run(long_prompt, 1)
-            run(prompts[8], 1 + new_tokens)
-        row["working GiB"] = (mem.peak - before) / 2**30
+        row["working GiB"] = working_memory(lambda: (run(long_prompt, 1), run(prompts[8], 1 + new_tokens)), device)
+        row["working GiB"] /= 2**30
     return row
 
 
-def best_of_rounds(runners: dict[str, Runner], rounds: int, *sizes: int) -> list[dict]:
+def best_of_rounds(runners: dict[str, Runner], rounds: int, device: torch.device, *sizes: int) -> list[dict]:
     """The runners take turns, ``rounds`` times, so a slow spell of this shared machine hits them all
     alike instead of one runner's whole row; each keeps its best rate (and its working memory from
     the first round)."""
     rows = {name: {"runner": name} for name in runners}
     for round_ in range(rounds):
         for name, run in runners.items():
-            for key, value in measure(run, *sizes, memory=round_ == 0).items():
+            for key, value in measure(run, device, *sizes, memory=round_ == 0).items():
                 rows[name][key] = max(rows[name].get(key, 0.0), value)
     return list(rows.values())
 
 
-def build_model(shape: str, dtype: torch.dtype, tmp: str) -> QWenLMHeadModel:
+def build_model(shape: str, dtype: torch.dtype, tmp: str, device: torch.device) -> QWenLMHeadModel:
     if shape == "tiny":
         path = make_tiny_checkpoint(os.path.join(tmp, "tiny"))
-        return QWenLMHeadModel.from_pretrained(path, dtype=dtype).eval()
+        return QWenLMHeadModel.from_pretrained(path, dtype=dtype).to(device).eval()
     config = QWenConfig(**SHAPES[shape])
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
-    model = model.to_empty(device="cpu").to(dtype)
+    model = model.to_empty(device=device).to(dtype)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "ln" in name else 0.0, 0.1 if "ln" in name else 0.02)
@@ -151,30 +162,39 @@ def nbytes(model: torch.nn.Module) -> int:
 
 
 def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: dict[str, float]) -> None:
+    device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
-        model = build_model(shape, dtype, tmp)
+        model = build_model(shape, dtype, tmp, device)
     tokenizer = QWenTokenizer()
     max_len = max(args.prefill, 64) + args.new_tokens + 8
+
+    def engine(weights: QWenLMHeadModel, compile: bool = False) -> Runner:
+        return engine_runner(Engine(weights, tokenizer, max_batch_size=8, max_model_len=max_len, compile=compile))
+
     models = {"qwen engine": model, "qwen model.generate": model, "transformers Qwen2": to_qwen2(model)}
     runners = {
-        "qwen engine": engine_runner(Engine(model, tokenizer, max_batch_size=8, max_model_len=max_len)),
+        "qwen engine": engine(model),
         "qwen model.generate": hf_runner(model),
         "transformers Qwen2": hf_runner(models["transformers Qwen2"]),
     }
-    # int8 weights with each CPU kernel that this machine can run (qwen's needs AVX-512 and a compiler).
-    for kernel in ["qwen"] * (qwen_int8_kernel() is not None) + ["torch"]:
+    if args.compile:
+        models["qwen engine compiled"] = model
+        runners["qwen engine compiled"] = engine(model, compile=True)
+    # int8 weights (a CPU feature) with each kernel this machine can run (qwen's needs AVX-512 and a compiler).
+    kernels = ["qwen"] * (qwen_int8_kernel() is not None) + ["torch"] if device.type == "cpu" else []
+    for kernel in kernels:
         name = f"qwen engine int8 ({kernel} kernel)"
         models[name] = quantize_int8_(copy.deepcopy(model), kernel=kernel)
-        runners[name] = engine_runner(Engine(models[name], tokenizer, max_batch_size=8, max_model_len=max_len))
-    rows = best_of_rounds(runners, args.rounds, 32, args.prefill, args.new_tokens)
+        runners[name] = engine(models[name])
+    rows = best_of_rounds(runners, args.rounds, device, 32, args.prefill, args.new_tokens)
 
-    weight_bytes, int8_bytes = nbytes(model), nbytes(models[rows[-1]["runner"]])
-    reference = rows[2]["decode b1 tok/s"]
-    print(f"\n### {shape} shape, {str(dtype).removeprefix('torch.')}, {weight_bytes / 2**30:.2f} GiB of weights "
-          f"({int8_bytes / 2**30:.2f} GiB as int8), {torch.get_num_threads()} threads, best of {args.rounds} rounds\n")
+    weight_bytes = nbytes(model)
+    reference = next(row for row in rows if row["runner"] == "transformers Qwen2")["decode b1 tok/s"]
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"{torch.get_num_threads()} threads"
+    print(f"\n### {shape} shape, {str(dtype).removeprefix('torch.')}, {weight_bytes / 2**30:.2f} GiB of weights, "
+          f"{where}, best of {args.rounds} rounds\n")
     for kind, rate in bandwidth.items():
-        print(f"{kind} bandwidth {rate / 1e9:.1f} GB/s -> batch-1 decode ceiling {rate / weight_bytes:.2f} tok/s "
-              f"({rate / int8_bytes:.2f} tok/s for int8 weights)")
+        print(f"{kind} bandwidth {rate / 1e9:.1f} GB/s -> batch-1 decode ceiling {rate / weight_bytes:.2f} tok/s")
     print()
     cols = ["runner", "decode b1 tok/s", "% of copy ceiling", "% of read ceiling", "vs Qwen2 b1",
             "decode b8 tok/s", "b8/b1", "prefill tok/s", "weights GiB", "working GiB"]
@@ -196,8 +216,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prefill", type=int, default=1024, help="prompt length for the prefill measurement")
     parser.add_argument("--rounds", type=int, default=3, help="turns each runner takes; its best is reported")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--compile", action="store_true", help="also run the engine with its compiled decode step")
     args = parser.parse_args()
-    bandwidth = bandwidths()
+    bandwidth = bandwidths(torch.device(args.device))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
     if args.shape in ("all", "tiny"):
         bench("tiny", torch.float32, argparse.Namespace(**{**vars(args), "new_tokens": 64}), bandwidth)

@@ -15,6 +15,7 @@ Use it synchronously (``Engine.generate``) or from other threads/async code (``s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 import time
@@ -23,6 +24,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .chat import cut_text, stable_text
 from .kv_cache import SlotKVCache
@@ -60,6 +62,10 @@ class Engine:
     plus output (default: the model's ``seq_length``). The KV cache grows with the longest running
     sequence up to that bound; ``kv_cache_int8`` stores it as int8 (default: the model config's
     ``use_cache_quantization``).
+
+    ``compile`` runs the decode step through ``torch.compile`` (with CUDA graphs on a GPU, where
+    launching each small kernel from Python costs more than the kernel). Its shapes are kept to a
+    few: the batch is padded to a power of two and attention spans a power-of-two number of keys.
     """
 
     def __init__(
@@ -69,6 +75,7 @@ class Engine:
         max_batch_size: int = 8,
         max_model_len: int | None = None,
         kv_cache_int8: bool | None = None,
+        compile: bool = False,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -83,6 +90,7 @@ class Engine:
             self.max_model_len, dtype, self.device,
             quantized=config.use_cache_quantization if kv_cache_int8 is None else kv_cache_int8,
             windows=config.layer_windows(),
+            static=compile,
         )
         self.stats = TokenStats(max_batch_size, config.vocab_size, self.device)
         self.alpha = torch.ones(max_batch_size, dtype=torch.float64, device=self.device)
@@ -92,6 +100,21 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self.compiled = compile
+        self._decode_logits = self._forward_last
+        if compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._decode_logits = torch.compile(self._forward_last, mode=mode, fullgraph=True)
+
+    def warm_up(self) -> None:
+        """Compile the decode step now rather than in the first requests: short runs at batch 1
+        and 2 and at the initial and the next key length cover the graphs it will need. Does
+        nothing without ``compile``."""
+        if not self.compiled:
+            return
+        for length in sorted({1, min(self.cache.initial, self.max_model_len - 2)}):
+            for batch in (1, 2):
+                self.generate([[0] * length] * batch, SamplingParams(max_new_tokens=2, do_sample=False))
 
     # ----- submitting -----------------------------------------------------------------------------
     def submit(
@@ -246,31 +269,36 @@ class Engine:
         # Right padding: every real query sees only real keys under the causal mask.
         self.cache.begin(rows, None, width, width, lengths)
         positions = torch.arange(width, device=self.device)[None].expand(len(seqs), -1)
-        hidden = self.model.transformer(
-            input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True, ntk_alpha_override=self.alpha[rows]
-        ).last_hidden_state
-        last = hidden[torch.arange(len(seqs), device=self.device), lens - 1]
-        self._sample(seqs, rows, self.model.lm_head(last))
+        self._sample(seqs, rows, self._forward_last(ids, positions, None, self.alpha[rows], lens - 1))
 
     def _decode(self) -> None:
         n = len(self.running)
-        rows = slice(0, n)
-        positions = [len(s.prompt_ids) + len(s.output_ids) - 1 for s in self.running]
+        # A compiled step sees a few batch sizes only; the padding rows decode in free slots.
+        width = min(1 << (n - 1).bit_length(), self.max_batch_size) if self.compiled else n
+        positions = [len(s.prompt_ids) + len(s.output_ids) - 1 for s in self.running] + [0] * (width - n)
         kv_len = max(positions) + 1
         starts = torch.tensor(positions, device=self.device)
+        keys = self.cache.begin(slice(0, width), starts, 1, kv_len)
         mask = None
-        if min(positions) != kv_len - 1:  # rows of different lengths: hide each row's unused tail
-            mask = (torch.arange(kv_len, device=self.device)[None] <= starts[:, None])[:, None, None, :]
-        self.cache.begin(rows, starts, 1, kv_len)
+        if keys != kv_len or min(positions) != kv_len - 1:  # hide each row's unused tail
+            mask = (torch.arange(keys, device=self.device)[None] <= starts[:, None])[:, None, None, :]
+        last = torch.zeros(width, dtype=torch.long, device=self.device)
+        # cuDNN's attention builds a plan per key length, and an eager step has a new one each time
+        # (measured on an H100: 3x slower decoding); the compiled step sees a few lengths only.
+        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        ids = self.next_tokens[:width, None]
+        with contextlib.nullcontext() if self.compiled else sdpa_kernel(backends):
+            logits = self._decode_logits(ids, starts[:, None], mask, self.alpha[:width], last)
+        self._sample(self.running, slice(0, n), logits[:n])
+
+    def _forward_last(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                      alpha: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+        """Logits at position ``last[i]`` of each row, after a forward through the engine's cache."""
         hidden = self.model.transformer(
-            input_ids=self.next_tokens[rows, None],
-            position_ids=starts[:, None],
-            attention_mask=mask,
-            cache=self.cache,
-            use_cache=True,
-            ntk_alpha_override=self.alpha[rows],
+            input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache, use_cache=True,
+            ntk_alpha_override=alpha,
         ).last_hidden_state
-        self._sample(self.running, rows, self.model.lm_head(hidden[:, -1]))
+        return self.model.lm_head(hidden[torch.arange(len(ids), device=ids.device), last])
 
     def _sample(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]

@@ -108,24 +108,32 @@ class SlotKVCache:
     (``quantize_int8`` per forward chunk, per row over the row's own tokens). A layer with an
     attention window w keeps only its last w keys, in a ring of w entries, so its memory stops
     growing past the window.
+
+    With ``static`` (the engine's compiled decode step) a decode attends over the longest row's
+    length rounded up to a power of two (at least the initial capacity), masked, so the step sees a
+    few shapes only; the tensors keep fixed addresses for CUDA graphs, and one spare position, so
+    the attended length never equals the tensors' length (torch.compile would take that equality
+    for a rule and compile again when it breaks).
     """
 
     def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device, initial: int = 256, quantized: bool = False,
-                 windows: list[int | None] | None = None) -> None:
-        self.max_len, self.dtype, self.quantized = max_len, dtype, quantized
-        self.capacity = min(initial, max_len)
+                 windows: list[int | None] | None = None, static: bool = False) -> None:
+        self.max_len, self.dtype, self.quantized, self.static = max_len, dtype, quantized, static
+        self.capacity = self.initial = min(initial, max_len)
         self.windows = [min(w, max_len) if w else None for w in windows or [None] * num_layers]
         names = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero") if quantized else ("k", "v")
 
         def empty(name: str, window: int | None) -> torch.Tensor:
-            length = window or self.capacity
+            length = window or self.capacity + static
             if name.endswith(("scale", "zero")):
                 return torch.zeros(slots, heads, length, 1, dtype=dtype, device=device)
             kind = torch.uint8 if quantized else dtype
             return torch.zeros(slots, heads, length, head_dim, dtype=kind, device=device)
 
-        self.layers = [{name: empty(name, w) for name in names} for w in self.windows]
+        with torch.inference_mode():  # as the tensors grown during a step, so compiled code sees one kind
+            self.layers = [{name: empty(name, w) for name in names} for w in self.windows]
+        self._mark_static()
         self._rows = slice(0, 0)
         self._starts: torch.Tensor | None = None
         self._lengths: list[int] | None = None
@@ -134,6 +142,12 @@ class SlotKVCache:
 
     def _tensors(self) -> list[torch.Tensor]:
         return [t for store in self.layers for t in store.values()]
+
+    def _mark_static(self) -> None:
+        """Tell torch.compile that the cache tensors stay put, so CUDA graphs may update them in place."""
+        if self.static:
+            for t in self._tensors():
+                torch._dynamo.mark_static_address(t)
 
     def ensure_capacity(self, length: int) -> None:
         if length > self.max_len:
@@ -148,18 +162,23 @@ class SlotKVCache:
             if window:  # a ring keeps its size
                 continue
             for name, t in store.items():
-                grown = t.new_zeros(*t.shape[:2], new, t.shape[3])
-                grown[:, :, : self.capacity] = t
+                grown = t.new_zeros(*t.shape[:2], new + self.static, t.shape[3])
+                grown[:, :, : t.shape[2]] = t
                 store[name] = grown
         self.capacity = new
+        self._mark_static()
 
     def begin(self, rows: slice, starts: torch.Tensor | None, q_len: int, kv_len: int,
-              lengths: list[int] | None = None) -> None:
+              lengths: list[int] | None = None) -> int:
         """Next forward covers slots ``rows``; with ``starts`` [n] each row writes one token at its
         own position (decode), without it all rows write ``q_len`` tokens from 0 (prefill, where
-        ``lengths`` gives each row's real, unpadded length)."""
+        ``lengths`` gives each row's real, unpadded length). Returns how many keys the forward
+        attends: ``kv_len``, rounded up for a static decode."""
         self.ensure_capacity(kv_len)
+        if self.static and starts is not None:
+            kv_len = min(max(1 << (kv_len - 1).bit_length(), self.initial), self.capacity)
         self._rows, self._starts, self._q_len, self._kv_len, self._lengths = rows, starts, q_len, kv_len, lengths
+        return kv_len
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len - self._q_len

@@ -175,7 +175,9 @@ def attend(
         probs = F.softmax(scores.float() if softmax_in_fp32 else scores, dim=-1).type_as(q)
         probs = F.dropout(probs, p=dropout, training=dropout > 0)
         return torch.matmul(probs, v)
-    flash = _flash_attn_func() if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
+    # A compiled graph (the engine's decode step) keeps to SDPA, which torch.compile traces.
+    half_cuda = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling()
+    flash = _flash_attn_func() if half_cuda else None
     if flash is not None and mask is None:
         # flash-attn aligns the causal diagonal bottom-right, which is right for a KV cache.
         out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=causal)

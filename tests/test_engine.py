@@ -658,6 +658,32 @@ def test_slot_cache_grows_past_initial_capacity(tiny_model, tokenizer, prompts, 
     assert grown.output_ids == reference(tiny_model, p300, 10)
 
 
+# ----- the compiled decode step ------------------------------------------------------------------
+
+
+def test_compiled_decode_step_matches_eager_with_few_graphs(tmp_path, tokenizer, prompts):
+    """torch.compile'd decode (batch padded to a power of two, attention over a power-of-two number
+    of keys) gives the eager engine's tokens, on a sensitive model with a full and a windowed layer,
+    and compiles a few graphs in all rather than one per step."""
+    path = make_tiny_checkpoint(tmp_path, initializer_range=0.3, seed=1)
+    model = AutoModelForCausalLM.from_pretrained(path, use_window_attn=True, window_size=[None, 8]).eval()
+    long = tokenizer.encode(" ".join(f"word{i}" for i in range(200)))[:250]  # its decode crosses 256 keys
+    work, params = [*prompts, long], [greedy(n) for n in MAX_NEW] + [greedy(20)]
+    expected = [s.output_ids for s in Engine(model, tokenizer, max_batch_size=4).generate(work, params)]
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    engine = Engine(model, tokenizer, max_batch_size=4, compile=True)
+    engine.warm_up()
+    # Batch 1 or any batch, times the initial or any key length.
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert 1 < graphs <= 4
+    seqs = engine.generate(work, params)
+    assert [s.output_ids for s in seqs] == expected
+    assert engine.cache.capacity == 512
+    # 4, 3, 2 and 1 running rows and two key lengths over 40-odd steps compiled nothing more.
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
+
+
 # ----- dynamic NTK and logn -----------------------------------------------------------------------
 
 
