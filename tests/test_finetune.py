@@ -239,7 +239,7 @@ def test_lora_script_memorises_then_merges_and_chats(trainable_chat, qa_data, tm
     out = tmp_path / "lora"
     proc = run(
         ["bash", FT / "finetune_lora_single_gpu.sh", "-m", trainable_chat, "-d", qa_data, "--output_dir", out,
-         *MEMORISE, "--max_steps", "30", "--learning_rate", "2e-2",
+         *MEMORISE, "--max_steps", "40", "--learning_rate", "2e-2",
          "--eval_data_path", qa_data, "--eval_strategy", "steps", "--eval_steps", "15"],
         cwd=tmp_path,
     )
@@ -290,7 +290,7 @@ def test_qlora_nf4_script_memorises(trainable_chat, qa_data, tmp_path):
     out = tmp_path / "qlora"
     proc = run(
         ["bash", FT / "finetune_qlora_single_gpu.sh", "-m", trainable_chat, "-d", qa_data, "--output_dir", out,
-         *MEMORISE, "--max_steps", "30", "--learning_rate", "2e-2"],
+         *MEMORISE, "--max_steps", "40", "--learning_rate", "2e-2"],
         cwd=tmp_path, GPUS_PER_NODE="0",
     )
     assert "DeepSpeed ZeRO-2 on 1 process(es)" in proc.stdout
