@@ -65,6 +65,8 @@ def qwen_int8_kernel():
             name="qwen_int8_matvec", sources=[str(source)], build_directory=str(build),
             extra_cflags=["-O3", "-mavx512f", "-fopenmp"], is_python_module=False,
         )
+        # The output's shape and dtype, for torch.compile (the engine's compiled decode step).
+        torch.library.register_fake("qwen::int8_matmul")(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
         return torch.ops.qwen.int8_matmul
     except Exception as exc:  # no compiler, no ninja, ...
         warnings.warn(

@@ -106,14 +106,16 @@ def test_int8_linear_kernel_and_dequantized_paths_agree(kernel_name, dtype):
 
 @needs_avx512
 def test_engine_gives_the_same_tokens_with_either_kernel(tiny_model, tokenizer):
+    """... also in the engine's compiled decode step, which traces qwen's op through its shape function."""
     prompts = [tokenizer.encode(t) for t in ("Hello", "a b c d e f", "你好，世界")]
     params = SamplingParams(max_new_tokens=8, do_sample=False)
     outputs = {}
-    for name in ("qwen", "torch"):
+    for name, compile in (("qwen", False), ("torch", False), ("qwen", True)):
         model = quantize_int8_(copy.deepcopy(tiny_model), kernel=name)
         assert all(m.use_qwen_kernel == (name == "qwen") for m in model.modules() if isinstance(m, Int8Linear))
-        outputs[name] = [seq.output_ids for seq in Engine(model, tokenizer).generate(prompts, params)]
-    assert outputs["qwen"] == outputs["torch"]
+        engine = Engine(model, tokenizer, compile=compile)
+        outputs[name, compile] = [seq.output_ids for seq in engine.generate(prompts, params)]
+    assert outputs["qwen", False] == outputs["torch", False] == outputs["qwen", True]
 
 
 def run_python(code: str, tmp_path, **env: str) -> subprocess.CompletedProcess:

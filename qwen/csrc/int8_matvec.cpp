@@ -76,4 +76,6 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }  // namespace
 
 // torch.ops.qwen.int8_matmul(x, w, scales): out = (x @ w.T) * scales for int8 w, computed in fp32.
-TORCH_LIBRARY(qwen, m) { m.def("int8_matmul(Tensor x, Tensor w, Tensor scales) -> Tensor", &int8_matmul); }
+// A CPU kernel only: torch.compile traces the op through the shape function qwen/quantize.py registers.
+TORCH_LIBRARY(qwen, m) { m.def("int8_matmul(Tensor x, Tensor w, Tensor scales) -> Tensor"); }
+TORCH_LIBRARY_IMPL(qwen, CPU, m) { m.impl("int8_matmul", &int8_matmul); }
