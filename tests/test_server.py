@@ -49,6 +49,7 @@ def _servers(tiny_chat, tmp_path_factory):
         "plain": start_server(tiny_chat, logs / "plain.log"),
         "auth": start_server(tiny_chat, logs / "auth.log", "--api-keys", "k1,k2", "--api-auth", "user:pw"),
         "small": start_server(tiny_chat, logs / "small.log", "--max-model-len", str(SMALL_CONTEXT)),
+        "compiled": start_server(tiny_chat, logs / "compiled.log", "--compile"),
     }
     yield servers
     for server in servers.values():
@@ -284,8 +285,8 @@ def test_penalties_accepted(client):
 # ----- concurrency and cancellation ---------------------------------------------------------------
 
 
-def test_concurrent_streams_match_sequential(server, client):
-    prompts = [f"Client {i} asks question number {i * 7}." for i in range(16)]
+def concurrent_replies(server: ServerProcess, prompts: list[str]) -> list[str]:
+    """Greedy replies of 16 tokens to all prompts, streamed at once."""
 
     async def run_all() -> list[str]:
         aclient = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=120)
@@ -307,10 +308,25 @@ def test_concurrent_streams_match_sequential(server, client):
         finally:
             await aclient.close()
 
-    together = asyncio.run(run_all())
+    return asyncio.run(run_all())
+
+
+def test_concurrent_streams_match_sequential(server, client):
+    prompts = [f"Client {i} asks question number {i * 7}." for i in range(16)]
+    together = concurrent_replies(server, prompts)
     alone = [chat(client, p, max_tokens=16, **GREEDY).choices[0].message.content for p in prompts]
     assert together == alone
     assert len(set(alone)) > 1
+
+
+def test_compiled_decode_server_matches_the_eager_one(_servers, client):
+    """``--compile``: the decode step is compiled before the server answers /health, and concurrent
+    replies equal the eager server's one-at-a-time replies."""
+    compiled = _servers["compiled"].wait()
+    assert "compiled in" in compiled.log.read_text()
+    prompts = [f"Client {i} asks question number {i * 7}." for i in range(6)]
+    alone = [chat(client, p, max_tokens=16, **GREEDY).choices[0].message.content for p in prompts]
+    assert concurrent_replies(compiled, prompts) == alone
 
 
 def health(server: ServerProcess) -> dict:
