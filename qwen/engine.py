@@ -31,6 +31,10 @@ from .kv_cache import SlotKVCache
 from .modeling import QWenLMHeadModel, ntk_alpha
 from .sampling import SamplingParams, TokenStats, select_tokens
 
+# cuDNN's attention builds a plan per key length, and an eager decode step has a new one each time
+# (measured on an H100: 3x slower decoding); the compiled step sees a few lengths only.
+EAGER_DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
 
 @dataclass
 class Sequence:
@@ -282,23 +286,21 @@ class Engine:
         mask = None
         if keys != kv_len or min(positions) != kv_len - 1:  # hide each row's unused tail
             mask = (torch.arange(keys, device=self.device)[None] <= starts[:, None])[:, None, None, :]
-        last = torch.zeros(width, dtype=torch.long, device=self.device)
-        # cuDNN's attention builds a plan per key length, and an eager step has a new one each time
-        # (measured on an H100: 3x slower decoding); the compiled step sees a few lengths only.
-        backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
         ids = self.next_tokens[:width, None]
-        with contextlib.nullcontext() if self.compiled else sdpa_kernel(backends):
-            logits = self._decode_logits(ids, starts[:, None], mask, self.alpha[:width], last)
+        with contextlib.nullcontext() if self.compiled else sdpa_kernel(EAGER_DECODE_ATTENTION):
+            logits = self._decode_logits(ids, starts[:, None], mask, self.alpha[:width])
         self._sample(self.running, slice(0, n), logits[:n])
 
     def _forward_last(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                      alpha: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
-        """Logits at position ``last[i]`` of each row, after a forward through the engine's cache."""
+                      alpha: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits at position ``last[i]`` of each row (default: its final position), after a forward
+        through the engine's cache."""
         hidden = self.model.transformer(
             input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache, use_cache=True,
             ntk_alpha_override=alpha,
         ).last_hidden_state
-        return self.model.lm_head(hidden[torch.arange(len(ids), device=ids.device), last])
+        hidden = hidden[:, -1] if last is None else hidden[torch.arange(len(ids), device=ids.device), last]
+        return self.model.lm_head(hidden)
 
     def _sample(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]
