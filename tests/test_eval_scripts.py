@@ -1,0 +1,234 @@
+"""Every eval/ script end to end on tiny checkpoints and crafted data in the original layouts, and the
+chat scripts through --api-base against a real openai_api.py server."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from qwen.eval import tasks
+from qwen.eval.scoring import letter_ids
+from qwen.serve.process import ServerProcess
+
+ROOT = Path(__file__).resolve().parent.parent
+OPTIONS = [("1", "2", "3", "4"), ("red", "green", "blue", "None"), ("甲", "乙", "丙", "丁")]
+
+
+def rows(n: int, offset: int = 0) -> list[dict]:
+    return [{"id": str(i), "question": f"问题 {i + offset}: which one?", "A": OPTIONS[i % 3][0],
+             "B": OPTIONS[i % 3][1], "C": OPTIONS[i % 3][2], "D": OPTIONS[i % 3][3], "answer": "ABCD"[i % 4]}
+            for i in range(n)]
+
+
+def write_csv(path: Path, fields: list[str], records: list[dict], header: bool = True, index: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        if header:
+            writer.writerow(([""] if index else []) + fields)
+        for i, record in enumerate(records):
+            writer.writerow(([i] if index else []) + [record[k.lower()] if k.lower() in record else record[k]
+                                                     for k in fields])
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("eval-data")
+    for subject in ("computer_network", "college_physics"):
+        write_csv(root / "ceval/dev" / f"{subject}_dev.csv", ["id", "question", "A", "B", "C", "D", "answer"],
+                  rows(5, 100))
+        write_csv(root / "ceval/val" / f"{subject}_val.csv", ["id", "question", "A", "B", "C", "D", "answer"], rows(4))
+    for subject in ("abstract_algebra", "anatomy"):
+        fields = ["question", "A", "B", "C", "D", "answer"]
+        write_csv(root / "mmlu/dev" / f"{subject}_dev.csv", fields, rows(5, 100), header=False)
+        write_csv(root / "mmlu/test" / f"{subject}_test.csv", fields, rows(4), header=False)
+    for subject in ("agronomy", "anatomy"):
+        fields = ["Question", "A", "B", "C", "D", "Answer"]
+        write_csv(root / "cmmlu/dev" / f"{subject}.csv", fields, rows(5, 100), index=True)
+        write_csv(root / "cmmlu/test" / f"{subject}.csv", fields, rows(4), index=True)
+    gsm = [{"question": f"Tom has {i} apples and buys 2 more. How many?", "answer": f"{i}+2={i + 2}\n#### {i + 2}"}
+           for i in range(4)]
+    (root / "gsm8k.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gsm))
+    problems = [
+        {"task_id": "Test/0", "entry_point": "add",
+         "prompt": 'def add(a: int, b: int) -> int:\n    """Return a + b.\n    >>> add(1, 2)\n    3\n    """\n',
+         "canonical_solution": "    return a + b\n",
+         "test": "def check(candidate):\n    assert candidate(1, 2) == 3\n"},
+        {"task_id": "Test/1", "entry_point": "neg",
+         "prompt": 'def neg(a: int) -> int:\n    """Return -a.\n    >>> neg(1)\n    -1\n    """\n',
+         "canonical_solution": "    return -a\n", "test": "def check(candidate):\n    assert candidate(4) == -4\n"},
+    ]
+    (root / "HumanEval.jsonl").write_text("".join(json.dumps(p) + "\n" for p in problems))
+    plugin = root / "plugin"
+    plugin.mkdir()
+    job = {"prompt": "Answer with a tool. Question: weather in Paris?",
+           "response": 'Thought: use the tool\nAction: weather\nAction Input: {"city": "Paris"}\nObservation: sun'}
+    (plugin / "pos.jsonl").write_text(json.dumps(job) + "\n" + json.dumps(job) + "\n")
+    (plugin / "neg.jsonl").write_text(json.dumps({"prompt": "Say hi", "response": "Final Answer: hi"}) + "\n")
+    return root
+
+
+def script(name: str, *args: object, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    """Run eval/<name>.py as a user would."""
+    result = subprocess.run([sys.executable, str(ROOT / "eval" / f"{name}.py"), *map(str, args)], cwd=cwd,
+                            capture_output=True, text=True, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{name} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.mark.parametrize("bench,subjects", [("ceval", "computer_network,college_physics"),
+                                            ("mmlu", "abstract_algebra,anatomy"), ("cmmlu", "agronomy,anatomy")])
+def test_base_multiple_choice_script(bench, subjects, data, tiny_base, tmp_path):
+    folder = data / bench
+    result = script(f"evaluate_{bench}", "-c", tiny_base, "-d", folder, "--subjects", subjects, "--limit", 2,
+                    "--output-json", "results.json", "--batch-size", 3, "--no-progress", cwd=tmp_path)
+    out = tmp_path / f"outs/{bench}_eval_result"
+    samples = read_jsonl(out / "samples.jsonl")
+    assert len(samples) == 4 and {s["doc_id"] for s in samples} == {f"{s}/{i}" for s in subjects.split(",")
+                                                                   for i in range(2)}
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["n-samples"][bench] == {"original": 8, "effective": 4}
+    scores = results["results"][bench]
+    assert set(scores["subjects"]) == set(subjects.split(","))
+    accuracy = 100 * sum(s["correct"] for s in samples) / 4
+    assert scores["Average"] == pytest.approx(accuracy)  # equal subject sizes: macro == micro
+    assert "| Average" in result.stdout and "items" in result.stdout
+    with (out / f"{subjects.split(',')[0]}_result.csv").open(encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 2 and {"model_output", "prob_A", "prob_D", "correctness"} <= set(table[0])
+    assert table[0]["question"] == "问题 0: which one?"
+    # The logged prediction is the model's own argmax letter for that exact prompt.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    first = samples[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([tokenizer.encode(first["prompt"])])).logits[0, -1]
+    choices = letter_ids(tokenizer, spaced=bench == "mmlu")
+    assert first["prediction"] == "ABCD"[int(logits[choices].argmax())]
+    assert first["prompt"].endswith("答案：" if bench != "mmlu" else "Answer:")
+
+
+def test_resume_and_refusal_to_mix_runs(data, tiny_base, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    argv = ["-c", str(tiny_base), "-d", str(data / "ceval"), "--subjects", "computer_network", "--no-progress"]
+    tasks.main_multiple_choice("ceval", argv + ["--limit", "2"])
+    log = tmp_path / "outs/ceval_eval_result/samples.jsonl"
+    first = read_jsonl(log)
+    tasks.main_multiple_choice("ceval", argv + ["--limit", "3"])
+    assert "resuming: 2 items" in capsys.readouterr().err
+    second = read_jsonl(log)
+    assert second[:2] == first and len(second) == 3  # only the new item was scored
+    with pytest.raises(SystemExit) as exit_info:  # same log, another model setting
+        tasks.main_multiple_choice("ceval", argv + ["--int8"])
+    assert exit_info.value.code == 2 and "another run" in capsys.readouterr().err
+    tasks.main_multiple_choice("ceval", argv + ["--int8", "--overwrite"])
+    assert len(read_jsonl(log)) == 4
+
+
+def test_clear_errors(data, tiny_base, tiny_chat, tmp_path):
+    missing = script("evaluate_ceval", "-c", tmp_path / "nope", "-d", data / "ceval", "--subjects", "computer_network",
+                     cwd=tmp_path, check=False)
+    assert missing.returncode == 2 and "no checkpoint folder" in missing.stderr and "Traceback" not in missing.stderr
+    no_data = script("evaluate_cmmlu", "-c", tiny_base, cwd=tmp_path, check=False)
+    assert no_data.returncode == 2 and "cmmlu_v1_0_1.zip" in no_data.stderr
+    chat_on_base = script("evaluate_chat_mmlu", "-c", tiny_base, "-d", data / "mmlu", "--subjects", "anatomy",
+                          cwd=tmp_path, check=False)
+    assert chat_on_base.returncode == 2 and "base model" in chat_on_base.stderr
+    unsafe = script("evaluate_humaneval", "-c", tiny_base, "-f", data / "HumanEval.jsonl", cwd=tmp_path, check=False)
+    assert unsafe.returncode == 2 and "--confirm-run-unsafe-code" in unsafe.stderr
+    hfagent = script("evaluate_plugin", "-c", tiny_chat, "--eval-hfagent", cwd=tmp_path, check=False)
+    assert hfagent.returncode == 2 and "transformers" in hfagent.stderr
+
+
+def test_gsm8k_scripts(data, tiny_base, tiny_chat, tmp_path):
+    script("evaluate_gsm8k", "-c", tiny_base, "-f", data / "gsm8k.jsonl", "--limit", 2, "--max-new-tokens", 24,
+           "--output-json", "base.json", "--no-progress", cwd=tmp_path)
+    samples = read_jsonl(tmp_path / "gsm8k_res.jsonl")
+    assert [s["question"] for s in samples] == [f"Tom has {i} apples and buys 2 more. How many?" for i in range(2)]
+    for s in samples:
+        assert s["prompt"].endswith(f"\nQuestion: {s['question']}\nLet's think step by step\n")
+        assert "\n\n" not in s["completion"] and "Question:" not in s["completion"]
+        assert s["acc"] == s["correct"] == (s["prediction"] == int(s["answer"].rsplit(" ", 1)[1]))
+    assert json.loads((tmp_path / "base.json").read_text())["n-samples"]["gsm8k"]["effective"] == 2
+    result = script("evaluate_chat_gsm8k", "-c", tiny_chat, "-f", data / "gsm8k.jsonl", "--limit", 2,
+                    "--use-fewshot", "-o", "chat.jsonl", "--max-new-tokens", 16, "--no-progress", cwd=tmp_path)
+    assert "gsm8k (4-shot)" in result.stdout
+    chat = read_jsonl(tmp_path / "chat.jsonl")
+    assert len(chat) == 2 and chat[0]["prompt"].endswith("Let's think step by step")
+
+
+def test_humaneval_scripts(data, tiny_base, tiny_chat, tmp_path):
+    problems = data / "HumanEval.jsonl"
+    script("evaluate_humaneval", "-c", tiny_base, "-f", problems, "--generate-only", "--max-new-tokens", 16,
+           "--no-progress", cwd=tmp_path)
+    samples = read_jsonl(tmp_path / "HumanEval_res.jsonl")
+    assert [s["task_id"] for s in samples] == ["Test/0", "Test/1"] and all("completion" in s for s in samples)
+    # --score rescoring a samples file in the original format: a right and a wrong completion.
+    (tmp_path / "mine.jsonl").write_text(json.dumps({"task_id": "Test/0", "completion": "    return a + b\n"})
+                                         + "\n" + json.dumps({"task_id": "Test/1", "completion": "    return a\n"}))
+    scored = script("evaluate_humaneval", "-f", problems, "--score", "mine.jsonl", "--confirm-run-unsafe-code",
+                    "--output-json", "he.json", cwd=tmp_path)
+    assert "50.0" in scored.stdout
+    assert json.loads((tmp_path / "he.json").read_text())["results"]["humaneval"]["pass@1"] == 0.5
+    result = script("evaluate_chat_humaneval", "-c", tiny_chat, "-f", problems, "--confirm-run-unsafe-code",
+                    "--max-new-tokens", 16, "-o", "chat.jsonl", "--no-progress", cwd=tmp_path)
+    assert "pass@1" in result.stdout
+    chat = read_jsonl(tmp_path / "chat.jsonl_results.jsonl")
+    assert len(chat) == 2 and all(not row["passed"] for row in chat)  # random weights write no working code
+
+
+def test_plugin_script(data, tiny_chat, tmp_path):
+    result = script("evaluate_plugin", "-c", tiny_chat, "--data-dir", data / "plugin", "--eval-react-positive",
+                    "--eval-react-positive-filename", "pos.jsonl", "--eval-react-negative",
+                    "--eval-react-negative-filename", "neg.jsonl", "--max-new-tokens", 16, "--output-json",
+                    "plugin.json", "--no-progress", cwd=tmp_path)
+    scores = json.loads((tmp_path / "plugin.json").read_text())["results"]["plugin"]
+    assert set(scores) == {"react_positive", "react_negative"}
+    assert 0 <= scores["react_positive"]["action_input_rouge"] <= 1
+    cache = read_jsonl(data / "plugin/pos.jsonl.cache")
+    assert len(cache) == 2 and all(len(job["gen"]) == 1 for job in cache)
+    assert "react_negative.bad_rate" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat):
+    with ServerProcess(tiny_chat, "--model-name", "tiny") as proc:
+        yield proc
+
+
+def test_chat_scripts_through_the_api(data, tiny_chat, tiny_model, tokenizer, server, tmp_path):
+    """The chat scripts through openai_api.py get the server's greedy replies: those of a local chat() on
+    the message as the server reads it (stripped of surrounding whitespace, as the original server did)."""
+    from qwen.chat import chat
+
+    result = script("evaluate_chat_ceval", "--api-base", f"{server.url}/v1", "--concurrency", 3, "-d", data / "ceval",
+                    "--subjects", "computer_network", "--limit", 3, "--max-new-tokens", 12, "--no-progress",
+                    "--output-json", "api.json", cwd=tmp_path)
+    api = read_jsonl(tmp_path / "outs_chat/ceval_eval_result/samples.jsonl")
+    assert sorted(s["doc_id"] for s in api) == [f"computer_network/{i}" for i in range(3)]
+    for s in api:
+        expected, _ = chat(tiny_model, tokenizer, s["prompt"].strip(), do_sample=False, repetition_penalty=1.0,
+                           max_new_tokens=12)
+        assert s["response"] == expected and s["prediction"] in "ABCD"
+    assert json.loads((tmp_path / "api.json").read_text())["config"]["model"].startswith("tiny @ ")
+    assert "| Average" in result.stdout
+    # A base completion task through /v1/completions.
+    script("evaluate_chat_gsm8k", "--api-base", f"{server.url}/v1", "-f", data / "gsm8k.jsonl", "--limit", 2,
+           "--max-new-tokens", 8, "--no-progress", cwd=tmp_path)
+    assert len(read_jsonl(tmp_path / "gsm8k_res.jsonl")) == 2
+    mmlu = script("evaluate_chat_mmlu", "--api-base", f"{server.url}/v1", "-d", data / "mmlu", "--subjects",
+                  "anatomy", "--limit", 2, "--max-new-tokens", 8, "--no-progress", cwd=tmp_path)
+    assert "| Average" in mmlu.stdout
