@@ -1,6 +1,6 @@
 """Evaluation speed: qwen's eval/ scripts against the original scripts' loop, on one random checkpoint.
 
-    python bench/eval.py                        # hidden 256, 4 layers; ~3 min on 2 idle cores
+    python bench/eval.py                        # hidden 256, 4 layers; ~4 min on 2 idle cores
     python bench/eval.py --mc-items 128 --gsm8k-items 32
 
 Two tasks, each run both ways on the same data in the same process:
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--mc-items", type=int, default=64)
     parser.add_argument("--gsm8k-items", type=int, default=16)
-    parser.add_argument("--new-tokens", type=int, default=64, help="max_new_tokens of the checkpoint (both runs)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="max_new_tokens of the checkpoint (both runs)")
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args()
     rng = random.Random(0)

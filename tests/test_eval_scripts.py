@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from qwen.eval import tasks
+from qwen.eval import extract, tasks
 from qwen.eval.scoring import letter_ids
 from qwen.serve.process import ServerProcess
 
@@ -225,7 +225,14 @@ def test_chat_scripts_through_the_api(data, tiny_chat, tiny_model, tokenizer, se
         assert s["response"] == expected and s["prediction"] in "ABCD"
     assert json.loads((tmp_path / "api.json").read_text())["config"]["model"].startswith("tiny @ ")
     assert "| Average" in result.stdout
-    # A base completion task through /v1/completions.
+    # A base completion task through /v1/completions: the server's greedy completion, cut by the original rule.
+    script("evaluate_gsm8k", "--api-base", f"{server.url}/v1", "-f", data / "gsm8k.jsonl", "--limit", 1,
+           "--max-new-tokens", 8, "-o", "base.jsonl", "--no-progress", cwd=tmp_path)
+    (base,) = read_jsonl(tmp_path / "base.jsonl")
+    ids = tokenizer.encode(base["prompt"])
+    with torch.no_grad():
+        out = tiny_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
+    assert base["completion"] == extract.cut(tokenizer.decode(out[0, len(ids):].tolist()), extract.GSM8K_CUT)
     script("evaluate_chat_gsm8k", "--api-base", f"{server.url}/v1", "-f", data / "gsm8k.jsonl", "--limit", 2,
            "--max-new-tokens", 8, "--no-progress", cwd=tmp_path)
     assert len(read_jsonl(tmp_path / "gsm8k_res.jsonl")) == 2
