@@ -121,6 +121,31 @@ def test_base_multiple_choice_script(bench, subjects, data, tiny_base, tmp_path)
     assert first["prompt"].endswith("答案：" if bench != "mmlu" else "Answer:")
 
 
+@pytest.mark.parametrize("bench,subject", [("ceval", "computer_network"), ("mmlu", "anatomy")])
+def test_chat_multiple_choice_script(bench, subject, data, tiny_chat, tiny_model, tokenizer, tmp_path):
+    """A local chat run: each logged reply is chat()'s greedy reply to the prompt, and the letter comes from it."""
+    from qwen.chat import chat
+    from qwen.eval.choice import extract_ceval_choice, extract_mmlu_choice
+
+    result = script(f"evaluate_chat_{bench}", "-c", tiny_chat, "-d", data / bench, "--subjects", subject, "--limit", 2,
+                    "--max-new-tokens", 10, "--no-progress", cwd=tmp_path)
+    samples = read_jsonl(tmp_path / f"outs_chat/{bench}_eval_result/samples.jsonl")
+    assert len(samples) == 2 and "| Average" in result.stdout
+    items = {f"{subject}/{i}": row for i, row in enumerate(rows(4))}
+    for s in samples:
+        expected, _ = chat(tiny_model, tokenizer, s["prompt"], do_sample=False, repetition_penalty=1.0,
+                           max_new_tokens=10)
+        assert s["response"] == expected
+        options = {k: items[s["doc_id"]][k] for k in "ABCD"}
+        letter = (extract_ceval_choice(expected, items[s["doc_id"]]["question"], options) if bench == "ceval"
+                  else extract_mmlu_choice(expected, options))
+        assert s["prediction"] == letter and s["correct"] == (letter == s["answer"])
+    with (tmp_path / f"outs_chat/{bench}_eval_result/{subject}_result.csv").open(encoding="utf-8") as f:
+        table = list(csv.DictReader(f))
+    # Each row holds its own reply (the original chat-MMLU script stored the last reply in every row).
+    assert [r["model_response"] for r in table] == [s["response"] for s in sorted(samples, key=lambda s: s["doc_id"])]
+
+
 def test_resume_and_refusal_to_mix_runs(data, tiny_base, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     argv = ["-c", str(tiny_base), "-d", str(data / "ceval"), "--subjects", "computer_network", "--no-progress"]
@@ -236,6 +261,9 @@ def test_chat_scripts_through_the_api(data, tiny_chat, tiny_model, tokenizer, se
     script("evaluate_chat_gsm8k", "--api-base", f"{server.url}/v1", "-f", data / "gsm8k.jsonl", "--limit", 2,
            "--max-new-tokens", 8, "--no-progress", cwd=tmp_path)
     assert len(read_jsonl(tmp_path / "gsm8k_res.jsonl")) == 2
+    humaneval = script("evaluate_chat_humaneval", "--api-base", f"{server.url}/v1", "-f", data / "HumanEval.jsonl",
+                       "--max-new-tokens", 8, "--confirm-run-unsafe-code", "--no-progress", cwd=tmp_path)
+    assert "pass@1" in humaneval.stdout and len(read_jsonl(tmp_path / "HumanEval_res.jsonl_results.jsonl")) == 2
     mmlu = script("evaluate_chat_mmlu", "--api-base", f"{server.url}/v1", "-d", data / "mmlu", "--subjects",
                   "anatomy", "--limit", 2, "--max-new-tokens", 8, "--no-progress", cwd=tmp_path)
     assert "| Average" in mmlu.stdout
