@@ -278,7 +278,7 @@ def test_penalties_accepted(client):
     assert out.usage.completion_tokens == 4
     out = client.completions.create(model=MODEL, prompt="a", max_tokens=4, presence_penalty=-1, frequency_penalty=2)
     assert out.usage.completion_tokens == 4
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         chat(client, frequency_penalty=2.5)
 
 
@@ -414,25 +414,25 @@ def test_no_auth_accepts_any_key(server):
 USER = {"role": "user", "content": "Hi"}
 BAD_CHAT = {
     "unknown model": ({"model": "gpt-4", "messages": [USER]}, 404),
-    "empty messages": ({"messages": []}, 422),
+    "empty messages": ({"messages": []}, 400),
     "assistant first": ({"messages": [{"role": "assistant", "content": "Hi"}, USER]}, 400),
     "two users in a row": ({"messages": [USER, USER]}, 400),
     "system not first": ({"messages": [USER, {"role": "system", "content": "x"}]}, 400),
     "only a system message": ({"messages": [{"role": "system", "content": "x"}]}, 400),
     "tool without a call": ({"messages": [USER, {"role": "assistant", "content": "ok"},
                                           {"role": "tool", "content": "42", "tool_call_id": "c1"}]}, 400),
-    "unknown role": ({"messages": [{"role": "robot", "content": "Hi"}]}, 422),
-    "max_tokens 0": ({"messages": [USER], "max_tokens": 0}, 422),
+    "unknown role": ({"messages": [{"role": "robot", "content": "Hi"}]}, 400),
+    "max_tokens 0": ({"messages": [USER], "max_tokens": 0}, 400),
     "max_tokens too large": ({"messages": [USER], "max_tokens": 10**6}, 400),
-    "n=100": ({"messages": [USER], "n": 100}, 422),
-    "temperature 5": ({"messages": [USER], "temperature": 5}, 422),
-    "five stops": ({"messages": [USER], "stop": ["a", "b", "c", "d", "e"]}, 422),
+    "n=100": ({"messages": [USER], "n": 100}, 400),
+    "temperature 5": ({"messages": [USER], "temperature": 5}, 400),
+    "five stops": ({"messages": [USER], "stop": ["a", "b", "c", "d", "e"]}, 400),
     "bad tool name": ({"messages": [USER], "tools": [{"type": "function", "function": {"name": "get weather"}}]},
-                      422),
+                      400),
     "tool_choice names a missing tool": ({"messages": [USER], "tools": [{"type": "function", "function": {
         "name": "a"}}], "tool_choice": {"type": "function", "function": {"name": "b"}}}, 400),
     "stream with bad roles": ({"messages": [USER, USER], "stream": True}, 400),
-    "body is a list": ([], 422),
+    "body is a list": ([], 400),
 }
 
 
@@ -457,9 +457,13 @@ def test_malformed_json_and_bad_completions(server, client):
     response = httpx.post(url, content=b'{"model": "tiny", "messages": [', headers={"content-type": "application/json"})
     assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
     assert_serves(client)
-    cases = [({"prompt": [""]}, 400), ({"prompt": ""}, 422), ({"prompt": []}, 422),
-             ({"prompt": "x", "max_tokens": 0}, 422), ({"prompt": "x", "n": 100}, 422),
-             ({"prompt": "x", "logprobs": 9}, 422), ({"model": "nope", "prompt": "x"}, 404)]
+    cases = [({"prompt": [""]}, 400), ({"prompt": ""}, 400), ({"prompt": []}, 400),
+             ({"prompt": "x", "max_tokens": 0}, 400), ({"prompt": "x", "n": 100}, 400),
+             ({"prompt": "x", "logprobs": 9}, 400), ({"model": "nope", "prompt": "x"}, 404),
+             ({"prompt": [151936]}, 400), ({"prompt": [[1, 2], []]}, 400), ({"prompt": "x", "suffix": "y"}, 400),
+             ({"prompt": "x", "best_of": 1, "n": 2}, 400), ({"prompt": "x", "best_of": 2, "stream": True}, 400),
+             ({"prompt": "x", "frobnicate": True}, 400), ({"prompt": "x", "logit_bias": {"abc": 1}}, 400),
+             ({"prompt": "x", "logit_bias": {"5": 101}}, 400)]
     for body, status in cases:
         response = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, **body}, timeout=30)
         assert response.status_code == status, (body, response.text)

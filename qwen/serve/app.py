@@ -29,6 +29,7 @@ from sse_starlette.sse import EventSourceResponse
 
 from ..engine import Engine, Sequence
 from ..sampling import SamplingParams
+from .prompt_logprobs import prompt_logprobs, text_offsets
 from .prompting import OBSERVATION_STOP, PromptError, ReactStream, build_chat_prompt, parse_react
 from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -74,8 +75,11 @@ def create_app(
     basic_auth: str | None = None,
     cors_origins: list[str] | None = None,
     log_requests: bool = False,
+    max_queue: int | None = None,
 ) -> FastAPI:
-    """Build the app around an engine (started and stopped with the app)."""
+    """Build the app around an engine (started and stopped with the app). With ``max_queue``, a request
+    arriving while that many wait for a batch slot is answered 503 at once (with Retry-After), so an
+    overload shows as quick refusals instead of ever-growing latency and memory."""
     tokenizer = engine.tokenizer
     generation = engine.model.generation_config
     stop_token_ids = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
@@ -94,6 +98,8 @@ def create_app(
     @app.exception_handler(APIError)
     async def api_error(request: Request, exc: APIError) -> JSONResponse:
         headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        if exc.status == 503:
+            headers = {"Retry-After": "1"}
         return JSONResponse(exc.body(), status_code=exc.status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -104,17 +110,41 @@ def create_app(
         first = errors[0] if errors else {}
         param = ".".join(str(p) for p in first.get("loc", ())[1:]) or None
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in errors)
-        return JSONResponse(APIError(422, message, param=param).body(), status_code=422)
+        return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
 
+    created_at = int(time.time())
+    model_card = {"id": model_name, "object": "model", "created": created_at, "owned_by": "qwen",
+                  "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
-        return {"object": "list", "data": [
-            {"id": model_name, "object": "model", "created": int(time.time()), "owned_by": "qwen"}
-        ]}
+        return {"object": "list", "data": [model_card]}
+
+    @app.get("/v1/models/{model_id:path}", dependencies=auth)
+    async def model(model_id: str) -> dict:
+        check_model(model_id)
+        return model_card
+
+    def check_request(body: SamplingFields) -> None:
+        """The model exists, every field set is one this server honours (or harmlessly ignores), and
+        there is room in the queue."""
+        check_model(body.model)
+        unknown = sorted(body.model_extra or {})
+        if unknown:
+            raise APIError(400, f"Unsupported field(s): {', '.join(unknown)}. This server does not implement "
+                                "them; remove them from the request.", param=unknown[0])
+        if body.response_format is not None and body.response_format.type != "text":
+            raise APIError(400, "response_format json_object/json_schema is not supported yet.",
+                           param="response_format")
+        if body.logit_bias:
+            raise APIError(400, "logit_bias is not supported yet.", param="logit_bias")
+        if max_queue is not None and len(engine.waiting) >= max_queue:
+            raise APIError(503, f"The server is busy: {len(engine.waiting)} requests are waiting. Retry shortly.",
+                           "server_error", "overloaded")
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -186,7 +216,7 @@ def create_app(
     # ----- chat completions -----------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_model(body.model)
+        check_request(body)
         if log_requests:
             logger.info("chat request: %s", body.model_dump_json(exclude_none=True))
         try:
@@ -269,54 +299,127 @@ def create_app(
         return EventSourceResponse(events(), ping=15)
 
     # ----- text completions -----------------------------------------------------------------------
+    def completion_prompts(body: CompletionRequest) -> list[tuple[list[int], str]]:
+        """(ids, text) of each prompt: text is encoded as plain text (special-token look-alikes too),
+        token ids are taken as given."""
+        raw = body.prompt
+        if isinstance(raw, str) or (raw and isinstance(raw[0], int)):
+            raw = [raw]
+        prompts = []
+        for item in raw:
+            if isinstance(item, str):
+                ids = tokenizer.encode(item, allowed_special=set())
+            else:
+                ids = list(item)
+                if any(not 0 <= t < engine.config.vocab_size for t in ids):
+                    raise APIError(400, f"A prompt has token ids outside [0, {engine.config.vocab_size}).",
+                                   param="prompt")
+            if not ids:
+                raise APIError(400, "A prompt is empty.", param="prompt")
+            prompts.append((ids, item if isinstance(item, str) else tokenizer.decode(ids)))
+        return prompts
+
+    def token_text(token_id: int) -> bytes:
+        raw = tokenizer.decoder.get(token_id, b"")
+        return raw.encode() if isinstance(raw, str) else raw
+
+    def legacy_logprobs(entries: list[tuple[int, float | None, list[tuple[int, float]] | None]],
+                        start: int) -> dict:
+        """The completions API's logprobs object; offsets count characters from ``start``."""
+        pieces = [token_text(t) for t, _, _ in entries]
+        return {"tokens": [p.decode("utf-8", errors="replace") for p in pieces],
+                "token_logprobs": [lp for _, lp, _ in entries],
+                "top_logprobs": [None if alts is None else {token_text(a).decode("utf-8", errors="replace"): alp
+                                                            for a, alp in alts} for _, _, alts in entries],
+                "text_offset": text_offsets(pieces, start)}
+
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
-        check_model(body.model)
+        check_request(body)
         if log_requests:
             logger.info("completion request: %s", body.model_dump_json(exclude_none=True))
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        encoded = [tokenizer.encode(p, allowed_special=set()) for p in prompts]
-        if any(not ids for ids in encoded):
-            raise APIError(400, "A prompt is empty.", param="prompt")
+        if body.suffix:
+            raise APIError(400, "suffix (fill-in-the-middle) is not supported: Qwen v1 was not trained for it.",
+                           param="suffix")
+        best_of = body.best_of or body.n
+        if best_of < body.n:
+            raise APIError(400, f"best_of ({best_of}) must be at least n ({body.n}).", param="best_of")
+        if best_of > body.n and body.stream:
+            raise APIError(400, "best_of cannot be combined with stream.", param="best_of")
+        if body.max_tokens == 0 and not body.echo:
+            raise APIError(400, "max_tokens 0 generates nothing; set echo=true (with logprobs) to score the prompt.",
+                           param="max_tokens")
+        prompts = completion_prompts(body)
+        scored = body.echo and body.logprobs is not None
+        generate = body.max_tokens != 0
         requests = []
-        for ids in encoded:
-            requests += [(ids, p) for p in sampling(body, len(ids), body.max_tokens, list(body.stop), body.logprobs)]
+        if generate:
+            # best_of > n: each candidate keeps its tokens' logprobs for ranking.
+            want = body.logprobs if body.logprobs is not None else (0 if best_of > body.n else None)
+            body_n = body.model_copy(update={"n": best_of})
+            for ids, _ in prompts:
+                requests += [(ids, p) for p in sampling(body_n, len(ids), body.max_tokens, list(body.stop), want)]
+        echo_logprobs = [await asyncio.to_thread(prompt_logprobs, engine.model, ids, body.logprobs)
+                         for ids, _ in prompts] if scored else []
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        prompt_tokens = sum(len(ids) for ids in encoded)
+        prompt_tokens = sum(len(ids) for ids, _ in prompts)
 
-        def text_logprobs(seq: Sequence) -> dict:
-            tokens = [e["token"] for e in logprob_entries(seq)]
-            return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in seq.logprobs],
-                    "top_logprobs": [{tokenizer.decode([a]): alp for a, alp in alts} for _, _, alts in seq.logprobs],
-                    "text_offset": []}
+        def echoed(p: int) -> list:
+            ids = prompts[p][0]
+            return [(t, lp, None if k == 0 else alts) for k, (t, (lp, alts)) in enumerate(
+                zip(ids, echo_logprobs[p], strict=True))]
 
-        def prefix(i: int) -> str:
-            return prompts[i // body.n] if body.echo else ""
+        def choice_logprobs(p: int, seq: Sequence | None) -> dict | None:
+            if body.logprobs is None:
+                return None
+            entries = (echoed(p) if body.echo else []) + (
+                [(t, lp, alts) for t, lp, alts in seq.logprobs] if seq is not None else [])
+            return legacy_logprobs(entries, 0)
+
+        def prefix(p: int) -> str:
+            return prompts[p][1] if body.echo else ""
 
         if not body.stream:
-            seqs = await _run(engine, requests, request)
+            seqs = await _run(engine, requests, request) if requests else []
             check_errors(seqs)
-            choices = [{"index": i, "text": prefix(i) + s.text, "finish_reason": finish_reason(s),
-                        "logprobs": text_logprobs(s) if body.logprobs is not None else None}
-                       for i, s in enumerate(seqs)]
+            choices = []
+            for p in range(len(prompts)):
+                candidates = seqs[p * best_of:(p + 1) * best_of] or [None] * body.n
+                if best_of > body.n:  # the n candidates with the highest mean token logprob
+                    candidates = sorted(candidates, key=lambda s: -sum(lp for _, lp, _ in s.logprobs)
+                                        / max(len(s.logprobs), 1))[:body.n]
+                for seq in candidates:
+                    choices.append({"index": len(choices), "text": prefix(p) + (seq.text if seq else ""),
+                                    "finish_reason": finish_reason(seq) if seq else "length",
+                                    "logprobs": choice_logprobs(p, seq)})
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
                     "choices": choices, "usage": usage(prompt_tokens, seqs)}
 
         async def events() -> AsyncIterator[str]:
-            def chunk(i: int, text: str, reason: str | None) -> str:
+            def chunk(i: int, text: str, reason: str | None, logprobs: dict | None = None) -> str:
                 return json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model_name,
                                    "choices": [{"index": i, "text": text, "finish_reason": reason,
-                                                "logprobs": None}]}, ensure_ascii=False)
+                                                "logprobs": logprobs}]}, ensure_ascii=False)
 
             seqs: dict[int, Sequence] = {}
-            started: set[int] = set()
+            offsets = [len(prefix(i // body.n)) for i in range(len(prompts) * body.n)]
+            logged = [0] * len(offsets)
+            for i in range(len(offsets)):  # the echoed prompt first, then the generated text
+                p = i // body.n
+                if body.echo:
+                    lead = legacy_logprobs(echoed(p), 0) if scored else None
+                    yield chunk(i, prefix(p), None if generate else "length", lead)
             try:
                 async for i, seq, text, finished in engine.stream_many(requests):
                     seqs[i] = seq
-                    lead = prefix(i) if i not in started else ""
-                    started.add(i)
-                    if text or lead:
-                        yield chunk(i, lead + text, None)
+                    logprobs = None
+                    if body.logprobs is not None and len(seq.logprobs) > logged[i]:
+                        new = seq.logprobs[logged[i]:]
+                        logprobs = legacy_logprobs(new, offsets[i])
+                        offsets[i] += len(b"".join(token_text(t) for t, _, _ in new).decode("utf-8", "replace"))
+                        logged[i] = len(seq.logprobs)
+                    if text or logprobs:
+                        yield chunk(i, text, None, logprobs)
                     if finished:
                         check_errors([seq])
                         yield chunk(i, "", finish_reason(seq))

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..loading import add_model_args, load_model
+from ..loading import add_model_args, load_model, positive_int
 
 NO_CHECKPOINT = """error: no checkpoint given. Pass -c/--checkpoint-path with an original Qwen v1 folder
 (e.g. a downloaded Qwen-7B-Chat: config.json, model*.safetensors, qwen.tiktoken, ...).
@@ -28,8 +28,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-name", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--disable-gc", action="store_true", help="turn off Python's garbage collector (fewer pauses)")
     p.add_argument("--model-name", help="model id clients must send (default: the folder's name)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together")
-    p.add_argument("--max-model-len", type=int, help="prompt + output limit (default: the model's seq_length)")
+    p.add_argument("--max-batch-size", type=positive_int, default=8, help="requests decoded together")
+    p.add_argument("--max-model-len", type=positive_int,
+                   help="prompt + output limit (default: 4x the model's seq_length when it uses dynamic NTK, "
+                        "as the original ran past seq_length with dynamic NTK + logn; else seq_length)")
+    p.add_argument("--max-queue", type=positive_int, default=256,
+                   help="requests that may wait for a batch slot; more are answered 503 with Retry-After "
+                        "(default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU: several times faster decoding there); "
                         "compiles at start-up, a minute or more")
@@ -37,6 +42,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
     add_model_args(p)
     return p.parse_args(argv)
+
+
+def default_max_model_len(config) -> int:
+    """4x seq_length with dynamic NTK (the original's README shows flat perplexity out to there), else
+    seq_length."""
+    return 4 * config.seq_length if config.use_dynamic_ntk else config.seq_length
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,8 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         model, tokenizer = load_model(path, args)
     except (OSError, ValueError) as exc:
         sys.exit(f"error: cannot load {path}: {exc}")
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size, max_model_len=args.max_model_len,
-                    compile=args.compile)
+    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
+                    max_model_len=args.max_model_len or default_max_model_len(model.config), compile=args.compile)
+    logging.info("context: %d tokens per request (prompt + output; the model's seq_length is %d%s)",
+                 engine.max_model_len, model.config.seq_length,
+                 ", dynamic NTK on" if model.config.use_dynamic_ntk else "")
     if args.compile:
         logging.info("compiling the decode step (torch.compile), a minute or more ...")
         started = time.perf_counter()
@@ -73,6 +87,7 @@ def main(argv: list[str] | None = None) -> None:
         basic_auth=args.api_auth,
         cors_origins=[o for o in args.cors_origins.split(",") if o],
         log_requests=args.log_requests,
+        max_queue=args.max_queue,
     )
     if args.disable_gc:
         gc.freeze()

@@ -1,7 +1,9 @@
 """Request bodies of the OpenAI-compatible API (the fields this server understands).
 
-Unknown fields are ignored, as OpenAI clients send new ones over time. Range checks live here so
-that a bad value is a 422 naming the field before any work starts.
+A field a client sets is either honoured, accepted as harmless metadata (``user``, ``metadata``,
+``store``, ``parallel_tool_calls``), or refused with a 400 naming it: nothing is silently ignored,
+so a client never believes it got what it asked for when it did not. Range checks live here so
+that a bad value is a 400 naming the field before any work starts.
 """
 
 from __future__ import annotations
@@ -72,8 +74,22 @@ class StreamOptions(_Lenient):
     include_usage: bool = False
 
 
-class SamplingFields(_Lenient):
-    """Fields shared by chat and text completions."""
+class JSONSchemaFormat(_Lenient):
+    name: str = "response"
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Lenient):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+class SamplingFields(BaseModel):
+    """Fields shared by chat and text completions. Unknown top-level fields are kept in
+    ``model_extra`` so that the app can refuse them by name."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     model: str
     temperature: float | None = Field(None, ge=0, le=2)
@@ -86,9 +102,24 @@ class SamplingFields(_Lenient):
     presence_penalty: float = Field(0.0, ge=-2, le=2)
     frequency_penalty: float = Field(0.0, ge=-2, le=2)
     repetition_penalty: float | None = Field(None, ge=0.01, le=10)
+    logit_bias: dict[str, float] | None = None
+    response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Accepted and ignored, as OpenAI-compatible servers do: they do not change the output.
     user: str | None = None
+    metadata: dict[str, Any] | None = None
+    store: bool | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (value or {}).items():
+            if not token.lstrip("-").isdigit():
+                raise ValueError(f"logit_bias keys are token ids, not {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in [-100, 100], not {bias}")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -108,10 +139,14 @@ class ChatCompletionRequest(SamplingFields):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     functions: list[FunctionDefinition] | None = None
     function_call: Literal["none", "auto"] | NamedFunction | None = None
+    parallel_tool_calls: bool | None = None  # accepted; a ReAct reply makes one call at a time
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str] = Field(min_length=1)
-    max_tokens: int | None = Field(16, ge=1)
+    # Text, texts, token ids, or lists of token ids (as lm-eval and vLLM clients send them).
+    prompt: str | list[str] | list[int] | list[list[int]] = Field(min_length=1)
+    max_tokens: int | None = Field(16, ge=0)  # 0 with echo scores the prompt without generating
     logprobs: int | None = Field(None, ge=0, le=5)
     echo: bool = False
+    best_of: int | None = Field(None, ge=1, le=MAX_N)
+    suffix: str | None = None

@@ -1,0 +1,127 @@
+"""What real OpenAI clients rely on beyond chat: prompt logprobs with echo (lm-eval's local-completions),
+token-id prompts, best_of, models.retrieve, 400 errors naming the field, no silently ignored fields, and
+503 with Retry-After when the queue is full. A real ``openai_api.py`` subprocess on 127.0.0.1, driven
+by the ``openai`` client and httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from qwen.serve.process import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_chat, tmp_path_factory):
+    log = tmp_path_factory.mktemp("conformance") / "server.log"
+    with ServerProcess(tiny_chat, "--model-name", MODEL, command=[sys.executable, "openai_api.py"], cwd=ROOT,
+                       log=log) as proc:
+        yield proc
+
+
+@pytest.fixture(scope="module")
+def client(server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def reference_logprobs(model, ids: list[int]) -> list[float]:
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+    return [logprobs[i - 1, ids[i]].item() for i in range(1, len(ids))]
+
+
+def test_models_retrieve_and_context_length(client, server, tiny_model):
+    card = client.models.retrieve(MODEL)
+    assert card.id == MODEL
+    # Dynamic NTK is on in the original configs: the default context is 4x seq_length, said at start-up.
+    assert card.model_extra["max_model_len"] == 4 * tiny_model.config.seq_length
+    assert f"context: {4 * tiny_model.config.seq_length} tokens" in server.log.read_text()
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-4")
+
+
+def test_echo_scores_the_prompt_like_the_model(client, tiny_model, tokenizer):
+    text = "The capital of France is Paris, 巴黎."
+    out = client.completions.create(model=MODEL, prompt=text, echo=True, logprobs=3, max_tokens=0)
+    choice = out.choices[0]
+    assert choice.text == text and choice.finish_reason == "length" and out.usage.completion_tokens == 0
+    lp = choice.logprobs
+    ids = tokenizer.encode(text)
+    assert len(lp.tokens) == len(ids) and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx(reference_logprobs(tiny_model, ids), abs=1e-4)
+    assert all(len(top) == 3 for top in lp.top_logprobs[1:])
+    # text_offset: where each token's text starts in the returned text.
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    assert text[lp.text_offset[1]:lp.text_offset[2]] == lp.tokens[1]
+    # Token-id prompts (one, or a batch) score the same, and can generate after the echo.
+    by_ids = client.completions.create(model=MODEL, prompt=ids, echo=True, logprobs=0, max_tokens=0)
+    assert by_ids.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs, abs=1e-5)
+    batch = client.completions.create(model=MODEL, prompt=[ids, ids[:4]], echo=True, logprobs=1, max_tokens=3,
+                                      temperature=0)
+    assert len(batch.choices) == 2 and batch.choices[1].text.startswith(tokenizer.decode(ids[:4]))
+    assert len(batch.choices[1].logprobs.tokens) == 4 + 3
+
+
+def test_streamed_completion_logprobs(client):
+    full = client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, logprobs=1, temperature=0)
+    chunks = list(client.completions.create(model=MODEL, prompt="Hello", max_tokens=5, logprobs=1, temperature=0,
+                                            stream=True))
+    tokens = [t for c in chunks if c.choices[0].logprobs for t in c.choices[0].logprobs.tokens]
+    assert tokens == full.choices[0].logprobs.tokens
+    values = [v for c in chunks if c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert values == pytest.approx(full.choices[0].logprobs.token_logprobs, abs=1e-5)
+
+
+def test_best_of_returns_the_candidate_with_the_highest_mean_logprob(client):
+    settings = {"model": MODEL, "prompt": "Once", "max_tokens": 4, "temperature": 1.0, "seed": 7}
+    candidates = client.completions.create(n=3, logprobs=0, **settings).choices
+    best = max(candidates, key=lambda c: sum(c.logprobs.token_logprobs) / len(c.logprobs.token_logprobs))
+    out = client.completions.create(best_of=3, **settings)
+    assert [c.text for c in out.choices] == [best.text] and out.choices[0].logprobs is None
+
+
+def test_client_errors_are_400_and_name_the_field(client):
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], temperature=5)
+    assert info.value.body["param"] == "temperature" and info.value.body["type"] == "invalid_request_error"
+    with pytest.raises(openai.BadRequestError, match="suffix"):
+        client.completions.create(model=MODEL, prompt="def f(", suffix="\n    return 1")
+    with pytest.raises(openai.BadRequestError, match="frobnicate"):
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}],
+                                       extra_body={"frobnicate": 1})
+
+
+def test_harmless_fields_are_accepted(client):
+    out = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2,
+                                         user="u1", metadata={"k": "v"}, store=False, parallel_tool_calls=False)
+    assert out.choices[0].message.role == "assistant"
+
+
+def test_full_queue_answers_503_with_retry_after(tiny_chat, tmp_path):
+    """One slot and a queue of one: a burst of long requests gets quick 503s, the rest are served, and
+    the server serves normally afterwards."""
+    with ServerProcess(tiny_chat, "--model-name", MODEL, "--max-batch-size", "1", "--max-queue", "1",
+                       log=tmp_path / "log") as server:
+        async def burst() -> list[httpx.Response]:
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "temperature": 0}
+            async with httpx.AsyncClient(timeout=120) as http:
+                return await asyncio.gather(*(http.post(f"{server.url}/v1/completions", json=body)
+                                              for _ in range(6)))
+
+        responses = asyncio.run(burst())
+        codes = sorted(r.status_code for r in responses)
+        assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}, codes
+        refused = next(r for r in responses if r.status_code == 503)
+        assert refused.headers["retry-after"] == "1" and json.loads(refused.text)["error"]["code"] == "overloaded"
+        ok = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+        assert ok.status_code == 200
