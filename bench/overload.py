@@ -1,0 +1,143 @@
+"""Overload: 64 concurrent clients against the real server, with a bounded and an unbounded queue.
+
+    python bench/overload.py                     # tiny random checkpoint, 64 clients, 60 s per server
+    python bench/overload.py --clients 128 --duration 180
+
+Two ``openai_api.py`` servers run in turn under the same load (``--max-batch-size 8``): one with
+``--max-queue 16`` (a request arriving while 16 wait is answered 503 with Retry-After at once) and the
+reference, ``--max-queue`` large enough never to refuse, as before the flag existed. Every client
+streams chat completions in a loop for ``--duration`` seconds; a refused client waits Retry-After and
+tries again. Reported per server: completed requests, 503 refusals, errors and hung requests (no
+answer within 120 s; both must be 0: nothing lost or hung), completion tokens/s, time to first token
+of completed requests (p50/p99), and the server's resident memory (sampled from /proc every 0.5 s):
+peak, and the mean of the last quarter of the run against the first (flat when close to 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import openai
+
+from qwen.serve.process import ServerProcess
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "bench"
+
+
+@dataclass
+class Run:
+    completed: int = 0
+    refused: int = 0
+    errors: int = 0
+    hung: int = 0
+    tokens: int = 0
+    ttft: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+
+    def ttft_ms(self, q: float) -> float:
+        values = sorted(self.ttft) or [float("nan")]
+        return 1000 * values[min(len(values) - 1, round(q * (len(values) - 1)))]
+
+
+def watch_rss(pid: int, out: list[int], stop: threading.Event) -> None:
+    page = os.sysconf("SC_PAGE_SIZE")
+    while not stop.wait(0.5):
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                out.append(int(f.read().split()[1]) * page)
+        except OSError:
+            return
+
+
+async def client_loop(client: openai.AsyncOpenAI, index: int, deadline: float, max_tokens: int, run: Run) -> None:
+    while time.perf_counter() < deadline:
+        start, first = time.perf_counter(), None
+        try:
+            stream = await asyncio.wait_for(client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": f"Client {index}: tell me a story."}],
+                max_tokens=max_tokens, temperature=0, stream=True, stream_options={"include_usage": True}), 120)
+            async with asyncio.timeout(120):
+                async for chunk in stream:
+                    if first is None and chunk.choices and chunk.choices[0].delta.content:
+                        first = time.perf_counter() - start
+                    if chunk.usage is not None:
+                        run.tokens += chunk.usage.completion_tokens
+            run.completed += 1
+            run.ttft.append(first if first is not None else time.perf_counter() - start)
+        except openai.APIStatusError as exc:
+            if exc.status_code != 503:
+                run.errors += 1
+                continue
+            run.refused += 1
+            await asyncio.sleep(float(exc.response.headers.get("retry-after", "1")))
+        except TimeoutError:
+            run.hung += 1
+        except openai.APIError:
+            run.errors += 1
+
+
+async def drive(url: str, clients: int, duration: float, max_tokens: int, run: Run) -> float:
+    client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="bench", max_retries=0, timeout=180)
+    try:
+        start = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, i, start + duration, max_tokens, run) for i in range(clients)))
+        return time.perf_counter() - start
+    finally:
+        await client.close()
+
+
+def bench(checkpoint: Path, max_queue: int, args: argparse.Namespace) -> tuple[Run, float]:
+    run = Run()
+    with ServerProcess(checkpoint, "--model-name", MODEL, "--max-batch-size", "8", "--max-queue", str(max_queue),
+                       command=[sys.executable, str(ROOT / "openai_api.py")], cwd=ROOT) as server:
+        stop = threading.Event()
+        watcher = threading.Thread(target=watch_rss, args=(server.proc.pid, run.rss, stop), daemon=True)
+        watcher.start()
+        try:
+            wall = asyncio.run(drive(server.url, args.clients, args.duration, args.max_tokens, run))
+        finally:
+            stop.set()
+            watcher.join()
+    return run, wall
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("-c", "--checkpoint", help="checkpoint folder (default: a tiny random one in a temp folder)")
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--duration", type=float, default=60, help="seconds of load per server")
+    p.add_argument("--max-tokens", type=int, default=32)
+    p.add_argument("--max-queue", type=int, default=16, help="the bounded server's --max-queue")
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(args.checkpoint) if args.checkpoint else None
+        if checkpoint is None:
+            from qwen.tiny import make_tiny_checkpoint
+
+            checkpoint = make_tiny_checkpoint(Path(tmp) / "tiny")
+        rows = {f"--max-queue {args.max_queue}": bench(checkpoint, args.max_queue, args),
+                "unbounded (reference)": bench(checkpoint, 1_000_000, args)}
+    print(f"\n{args.clients} clients streaming chat (greedy, max_tokens {args.max_tokens}) for {args.duration:.0f} s "
+          f"per server, --max-batch-size 8, {os.cpu_count()} CPUs\n")
+    print("| server | completed | 503 refused | errors | hung | tokens/s | TTFT p50 ms | TTFT p99 ms | "
+          "peak RSS MiB | RSS last/first quarter |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for name, (run, wall) in rows.items():
+        quarter = max(1, len(run.rss) // 4)
+        drift = (sum(run.rss[-quarter:]) / quarter) / (sum(run.rss[:quarter]) / quarter) if run.rss else float("nan")
+        print(f"| {name} | {run.completed} | {run.refused} | {run.errors} | {run.hung} | {run.tokens / wall:.1f} | "
+              f"{run.ttft_ms(0.5):.0f} | {run.ttft_ms(0.99):.0f} | {max(run.rss, default=0) / 2**20:.0f} | "
+              f"{drift:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
