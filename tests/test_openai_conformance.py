@@ -125,3 +125,19 @@ def test_full_queue_answers_503_with_retry_after(tiny_chat, tmp_path):
         assert refused.headers["retry-after"] == "1" and json.loads(refused.text)["error"]["code"] == "overloaded"
         ok = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert ok.status_code == 200
+
+
+def test_tokenizer_endpoints(server, tokenizer):
+    """vLLM's /tokenizer_info, /tokenize and /detokenize: what lm-eval's local-completions uses when the
+    user gives no tokenizer."""
+    from qwen.chat import DEFAULT_SYSTEM, make_context
+
+    info = httpx.get(f"{server.url}/tokenizer_info").json()
+    assert info["eos_token"] == "<|endoftext|>" and info["model_max_length"] > 0
+    text = "Hello <|im_end|> 世界"
+    ids = httpx.post(f"{server.url}/tokenize", json={"prompt": text}).json()["tokens"]
+    assert ids == tokenizer.encode(text, allowed_special=set())  # special-token look-alikes stay text
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": ids}).json()["prompt"] == text
+    chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
+    assert chat["tokens"] == make_context(tokenizer, "hi", None, DEFAULT_SYSTEM)[1]
+    assert httpx.post(f"{server.url}/detokenize", json={"tokens": [10**7]}).status_code == 400

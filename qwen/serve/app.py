@@ -31,7 +31,13 @@ from ..engine import Engine, Sequence
 from ..sampling import SamplingParams
 from .prompt_logprobs import prompt_logprobs, text_offsets
 from .prompting import OBSERVATION_STOP, PromptError, ReactStream, build_chat_prompt, parse_react
-from .protocol import ChatCompletionRequest, CompletionRequest, SamplingFields
+from .protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    SamplingFields,
+    TokenizeRequest,
+)
 
 logger = logging.getLogger("qwen.serve")
 
@@ -128,6 +134,35 @@ def create_app(
     async def model(model_id: str) -> dict:
         check_model(model_id)
         return model_card
+
+    # ----- tokenizer endpoints (vLLM's), so clients such as lm-eval need no local tokenizer ---------
+    @app.get("/tokenizer_info", dependencies=auth)
+    async def tokenizer_info() -> dict:
+        return {"tokenizer_class": type(tokenizer).__name__, "eos_token": "<|endoftext|>", "bos_token": None,
+                "pad_token": "<|endoftext|>", "model_max_length": engine.max_model_len,
+                "chat_template": getattr(tokenizer, "chat_template", None)}
+
+    @app.post("/tokenize", dependencies=auth)
+    async def tokenize(body: TokenizeRequest) -> dict:
+        """Text is encoded as the completions endpoint encodes a prompt (special-token look-alikes are
+        text); messages as the chat endpoint builds its prompt."""
+        if body.messages is not None:
+            try:
+                ids = build_chat_prompt(tokenizer, ChatCompletionRequest(model=model_name,
+                                                                         messages=body.messages)).ids
+            except PromptError as exc:
+                raise APIError(400, str(exc), param="messages") from None
+        elif body.prompt is not None:
+            ids = tokenizer.encode(body.prompt, allowed_special=set())
+        else:
+            raise APIError(400, "Send a prompt (text) or messages to tokenize.", param="prompt")
+        return {"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len}
+
+    @app.post("/detokenize", dependencies=auth)
+    async def detokenize(body: DetokenizeRequest) -> dict:
+        if any(not 0 <= t < engine.config.vocab_size for t in body.tokens):
+            raise APIError(400, f"Token ids must be in [0, {engine.config.vocab_size}).", param="tokens")
+        return {"prompt": tokenizer.decode(body.tokens)}
 
     def check_request(body: SamplingFields) -> None:
         """The model exists, every field set is one this server honours (or harmlessly ignores), and
