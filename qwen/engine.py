@@ -8,6 +8,11 @@ model's own (``QWenModel`` with its attention function); the engine only supplie
 the per-sequence dynamic-NTK alpha fixed at prefill, and its slot cache. Token selection runs on
 the device; the one host sync per step reads the new token of every sequence at once.
 
+A request with a grammar (``SamplingParams.grammar``, e.g. an OpenAI ``response_format``) has the
+tokens its grammar forbids masked out before every selection, its first token included, and stops
+("stop") as soon as the grammar is complete; ``max_new_tokens`` reached first ends it with "length"
+and an incomplete document, as OpenAI does. Requests without one pay nothing for it.
+
 Use it synchronously (``Engine.generate``) or from other threads/async code (``start()`` then
 ``submit``/``stream``), as the server does.
 """
@@ -22,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,6 +36,11 @@ from .chat import cut_text, stable_text
 from .kv_cache import SlotKVCache
 from .modeling import QWenLMHeadModel, ntk_alpha
 from .sampling import SamplingParams, TokenStats, select_tokens
+
+if TYPE_CHECKING:
+    from llguidance import LLMatcher
+
+    from .grammar import Grammars
 
 # cuDNN's attention builds a plan per key length, and an eager decode step has a new one each time
 # (measured on an H100: 3x slower decoding); the compiled step sees a few lengths only.
@@ -52,6 +63,7 @@ class Sequence:
     cancelled: bool = False
     slot: int = -1
     generator: torch.Generator | None = None
+    matcher: LLMatcher | None = None  # the state of params.grammar
     first_token_time: float | None = None
 
     @property
@@ -104,6 +116,8 @@ class Engine:
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._grammars: Grammars | None = None
+        self._grammars_lock = threading.Lock()  # not the step's lock: building takes a second
         self.compiled = compile
         self._decode_logits = self._forward_last
         if compile:
@@ -125,7 +139,7 @@ class Engine:
         self, prompt_ids: list[int], params: SamplingParams, on_event: Callable | None = None
     ) -> Sequence:
         """Queue a request; ``on_event(seq, new_text, finished)`` is called from the engine thread."""
-        params.validate()
+        params.validate(self.config.vocab_size)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
         if min(prompt_ids) < 0 or max(prompt_ids) >= self.config.vocab_size:
@@ -138,10 +152,23 @@ class Engine:
         seq = Sequence(list(prompt_ids), params, on_event)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if params.grammar is not None:
+            seq.matcher = self.grammars.matcher(params.grammar)
         with self._lock:
             self.waiting.append(seq)
             self._lock.notify()
         return seq
+
+    @property
+    def grammars(self) -> Grammars:
+        """The grammar matchers for this tokenizer, built on first use: llguidance is an optional
+        dependency, and reading the vocabulary takes about a second."""
+        with self._grammars_lock:
+            if self._grammars is None:
+                from .grammar import Grammars
+
+                self._grammars = Grammars(self.tokenizer, self.config.vocab_size)
+            return self._grammars
 
     def cancel(self, seq: Sequence) -> None:
         """Stop a request; its slot is freed before the next step."""
@@ -304,6 +331,9 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> None:
         params = [s.params for s in seqs]
+        constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
+        if constrained:
+            self._grammars.constrain(logits, constrained)
         want = any(p.logprobs is not None for p in params)
         tokens, logprobs = select_tokens(logits, params, self.stats, rows, [s.generator for s in seqs], want)
         self.next_tokens[rows] = tokens
@@ -322,9 +352,12 @@ class Engine:
             self._advance(seq, token, chosen[i] if chosen else 0.0, top, i)
 
     def _advance(self, seq: Sequence, token: int, logprob: float, top, row: int) -> None:
-        params = seq.params
-        if token in params.stop_token_ids:
+        params, matcher = seq.params, seq.matcher
+        if token in params.stop_token_ids or (matcher is not None and token in self._grammars.end_ids):
             self._finish(seq, "stop")
+            return
+        if matcher is not None and not matcher.consume_token(token):  # only past llguidance's limits
+            self._finish(seq, f"error: the grammar failed: {matcher.get_error()}")
             return
         seq.output_ids.append(token)
         if params.logprobs is not None:
@@ -335,7 +368,7 @@ class Engine:
             seq.logprobs.append((token, logprob, alts))
         text, stopped = cut_text(self.tokenizer.decode(seq.output_ids), params.stop)
         seq.text = text
-        if stopped:
+        if stopped or (matcher is not None and matcher.is_stopped()):  # is_stopped: the grammar is complete
             self._finish(seq, "stop")
         elif len(seq.output_ids) >= params.max_new_tokens or len(seq.prompt_ids) + len(seq.output_ids) >= (
             self.max_model_len

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationConfig, GenerationMixin, PreTrainedModel
+from transformers import GenerationConfig, GenerationMixin, PreTrainedModel, StoppingCriteriaList
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
@@ -467,6 +467,39 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
         if self.config.use_cache_quantization and model_kwargs.get("cache") is None and generation_config.use_cache:
             model_kwargs["cache"] = Int8KVCache(self.config.num_hidden_layers)
         return super()._prepare_cache_for_generation(generation_config, model_kwargs, *args, **kwargs)
+
+    def _prepare_generation_config(
+        self, generation_config: GenerationConfig | None, **kwargs
+    ) -> tuple[GenerationConfig, dict]:
+        """Let a length limit asked for in the call win over the folder's ``max_new_tokens``.
+
+        transformers fills every unset field from ``model.generation_config`` (the original folders set
+        ``max_new_tokens: 512``) and then lets ``max_new_tokens`` win over ``max_length`` when both are
+        set, so ``generate(max_length=n)`` (as lm-eval calls it) would run 512 new tokens. The limit the
+        caller gave (in kwargs, else in the ``generation_config`` passed) is the one that counts.
+        """
+        config, model_kwargs = super()._prepare_generation_config(generation_config, **kwargs)
+        asked = kwargs if any(kwargs.get(k) is not None for k in ("max_length", "max_new_tokens")) else {}
+        if not asked and generation_config is not None:
+            asked = {"max_length": generation_config.max_length, "max_new_tokens": generation_config.max_new_tokens}
+        if asked.get("max_length") is not None and asked.get("max_new_tokens") is None:
+            config.max_new_tokens = None
+        return config, model_kwargs
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config: GenerationConfig | None = None,
+                 stopping_criteria=None, stop_words_ids=None, **kwargs):
+        """transformers' ``generate`` plus the original's ``stop_words_ids`` (token id sequences; default:
+        the generation config's): a row ends once its new tokens end with one of them, which stay in the
+        output as the original's did."""
+        config = generation_config or self.generation_config
+        stop_words_ids = stop_words_ids if stop_words_ids is not None else getattr(config, "stop_words_ids", None)
+        if stop_words_ids:
+            prompt = inputs if inputs is not None else kwargs.get("input_ids", kwargs.get("inputs_embeds"))
+            stop_ids, _ = chat_utils.normalize_stop_words(stop_words_ids)
+            criteria = chat_utils.StopWordsCriteria(None, prompt.shape[1], stop_ids, [])
+            stopping_criteria = StoppingCriteriaList([*(stopping_criteria or []), criteria])
+        return super().generate(inputs, generation_config=generation_config, stopping_criteria=stopping_criteria,
+                                **kwargs)
 
     def chat(self, tokenizer, query: str, history=None, system: str = chat_utils.DEFAULT_SYSTEM,
              stop_words_ids=None, generation_config=None, **kwargs):

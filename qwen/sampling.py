@@ -1,9 +1,11 @@
 """Per-row token selection for batched decoding, on the device of the logits.
 
-Every row carries its own settings (greedy or sampled, temperature, top-k, top-p, penalties, seed),
-so requests with different settings share one forward pass. The order of the logits processors is
-that of transformers' ``generate()`` (repetition penalty, then temperature, top-k, top-p), so a
-request's greedy output equals ``model.generate``'s.
+Every row carries its own settings (greedy or sampled, temperature, top-k, top-p, penalties, logit
+bias, seed), so requests with different settings share one forward pass. The order of the logits
+processors is that of transformers' ``generate()`` (logit bias as its ``sequence_bias``, repetition
+penalty, then temperature, top-k, top-p), so a request's greedy output equals ``model.generate``'s.
+vLLM also adds the logit bias before the penalties; OpenAI's presence/frequency penalties and bias
+are all additive, so their order does not matter there.
 """
 
 from __future__ import annotations
@@ -30,14 +32,21 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no logprobs; N >= 0: the chosen token's plus the top N
+    # OpenAI's logit_bias: token id -> value in [-100, 100] added to its logit (-100 all but bans it).
+    logit_bias: dict[int, float] | None = None
+    # A grammar from ``qwen.grammar`` (e.g. ``response_format_grammar``) the output must follow; the
+    # sequence stops ("stop") when it is complete, and <|endoftext|>/<|im_end|> only end it then.
+    grammar: str | None = None
 
     @property
     def greedy(self) -> bool:
         # Below 1e-5 a temperature only overflows the logits; it means greedy.
         return not self.do_sample or self.temperature < 1e-5
 
-    def validate(self) -> None:
-        """Raise ValueError naming the bad setting (the server turns it into a 400)."""
+    def validate(self, vocab_size: int | None = None) -> None:
+        """Raise ValueError naming the bad setting (the server turns it into a 400). With ``vocab_size``
+        the ids of ``logit_bias`` are checked against it."""
+        bias = self.logit_bias or {}
         checks = [
             (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
             (self.temperature >= 0, "temperature must be >= 0"),
@@ -47,6 +56,9 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+            (all(-100 <= v <= 100 for v in bias.values()), "logit_bias values must be in [-100, 100]"),
+            (vocab_size is None or all(0 <= t < vocab_size for t in bias),
+             f"logit_bias token ids must be in [0, {vocab_size})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -109,6 +121,15 @@ def _column(values: list[float], logits: torch.Tensor) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.float32, device=logits.device)[:, None]
 
 
+def _add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+    """Add each row's ``logit_bias`` in place; one scatter for all the rows that have one."""
+    entries = [(row, token, value) for row, p in enumerate(params) for token, value in (p.logit_bias or {}).items()]
+    if entries:
+        rows, tokens, values = zip(*entries, strict=True)
+        index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
+        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+
+
 def select_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
@@ -121,9 +142,10 @@ def select_tokens(
     ``logits`` is scratch: the repetition penalty is applied to it in place.
 
     Returns the tokens [n] and, if ``want_logprobs``, the log-probabilities [n, V] of the
-    distribution they were drawn from (after penalties and temperature, before top-k/top-p).
+    distribution they were drawn from (after logit bias, penalties and temperature, before top-k/top-p).
     """
     logits = logits.float()
+    _add_logit_bias(logits, params)
     if any(p.repetition_penalty != 1.0 for p in params):
         penalty = _column([p.repetition_penalty for p in params], logits)
         ids = stats.seen_ids(rows, logits.device)

@@ -4,16 +4,22 @@ The vocabulary is ``qwen.tiktoken`` (151,643 ``base64(token) rank`` lines) follo
 tokens. A copy of the file ships inside this package, so ``QWenTokenizer()`` works without any
 checkpoint folder. Encoding goes straight to tiktoken's Rust core (no per-token Python work) so the
 wrapper costs little over raw tiktoken.
+
+For chat tooling (``apply_chat_template``, lm-eval, TRL) the tokenizer names ``<|endoftext|>`` as its
+eos token and carries a ChatML chat template whose ids equal ``qwen.chat.make_context``'s.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import logging
 import os
+import re
+import secrets
 import unicodedata
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +43,95 @@ IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 SPECIAL_TOKENS = (ENDOFTEXT, IM_START, IM_END) + tuple(f"<|extra_{i}|>" for i in range(205))
 SPECIAL_START_ID = 151643  # ids of the special tokens start here, whatever the vocabulary file holds
+SPECIAL_RE = re.compile("(" + "|".join(map(re.escape, SPECIAL_TOKENS)) + ")")
+
+# ChatML exactly as qwen.chat.make_context writes it (no newline after the last <|im_end|>; system default
+# "You are a helpful assistant."; contents as given). With tools, as qwen.serve.prompting renders them: the
+# ReAct instruction goes before the last user message, each tool call is a Thought/Action/Action Input step
+# followed by the Observation of the tool message answering it (in order), and a plain assistant reply gets
+# the "Thought: ... Final answer: " prefix. A conversation that ends in a tool result stays inside the
+# assistant turn, at "Thought:", where the model writes its next step.
+CHAT_TEMPLATE = r"""
+{%- macro text(content) -%}
+{%- if content is string -%}{{ content }}
+{%- else -%}{%- for part in content if part.type == 'text' -%}{{ part.text }}{%- endfor -%}
+{%- endif -%}
+{%- endmacro -%}
+{%- macro react(tools) -%}
+{%- set ns = namespace(descs=[], names=[]) -%}
+{%- for tool in tools -%}
+{%- set f = tool.function if tool.function is defined else tool -%}
+{%- set ns.names = ns.names + [f.name] -%}
+{%- set ns.descs = ns.descs + [f.name ~ ': Call this tool to interact with the ' ~ f.name ~ ' API. What is the '
+    ~ f.name ~ ' API useful for? ' ~ (f.description or '') ~ ' Parameters: ' ~ (f.parameters or {}) | tojson] -%}
+{%- endfor -%}
+{{- 'Answer the following questions as best you can. You have access to the following APIs:\n\n'
+    ~ ns.descs | join('\n\n') ~ '\n\nUse the following format:\n\n'
+    ~ 'Question: the input question you must answer\n'
+    ~ 'Thought: you should always think about what to do\n'
+    ~ 'Action: the action to take, should be one of [' ~ ns.names | join(', ') ~ ']\n'
+    ~ 'Action Input: the input to the action\n'
+    ~ 'Observation: the result of the action\n'
+    ~ '... (this Thought/Action/Action Input/Observation can be repeated zero or more times)\n'
+    ~ 'Thought: I now know the final answer\n'
+    ~ 'Final Answer: the final answer to the original input question\n\nBegin!' -}}
+{%- endmacro -%}
+{%- macro assistant(m, question, react, results) -%}
+{%- set calls = namespace(list=[]) -%}
+{%- for c in (m.tool_calls or []) + ([m.function_call] if m.function_call is defined else []) -%}
+{%- set calls.list = calls.list + [c.function if c.function is defined else c] -%}
+{%- endfor -%}
+{%- if calls.list -%}
+{%- set thought = text(m.content) | trim -%}
+{%- if thought.startswith('Thought:') -%}{%- set thought = thought[8:] | trim -%}{%- endif -%}
+{%- for c in calls.list -%}
+{{- ('' if loop.first else '\n') ~ 'Thought: ' ~ ((thought if loop.first else '') or 'I can use ' ~ c.name ~ '.')
+    ~ '\nAction: ' ~ c.name ~ '\nAction Input: ' ~ (c.arguments if c.arguments is string else c.arguments | tojson) -}}
+{%- if loop.index0 < results | length -%}{{- '\nObservation: ' ~ results[loop.index0] -}}{%- endif -%}
+{%- endfor -%}
+{%- elif react -%}
+{%- set zh = namespace(found=false) -%}
+{%- for ch in question if '\u4e00' <= ch <= '\u9fff' -%}{%- set zh.found = true -%}{%- endfor -%}
+{{- ('Thought: 我会作答了。' if zh.found else 'Thought: I now know the final answer.') ~ '\nFinal answer: ' -}}
+{{- text(m.content) -}}
+{%- else -%}{{- text(m.content) -}}
+{%- endif -%}
+{%- endmacro -%}
+{%- set last_user = (messages | selectattr('role', 'equalto', 'user') | list | length) - 1 -%}
+{%- set ns = namespace(users=0, question='', prev='') -%}
+{%- if messages[0].role not in ('system', 'developer') -%}
+{{- '<|im_start|>system\nYou are a helpful assistant.<|im_end|>' -}}
+{%- endif -%}
+{%- for m in messages -%}
+{%- set result = m.role in ('tool', 'function') -%}
+{%- set same_turn = result or (m.role == 'assistant' and ns.prev == 'result') -%}
+{%- if ns.prev in ('assistant', 'result') and not same_turn -%}{{- '<|im_end|>' -}}{%- endif -%}
+{%- if loop.first and m.role in ('system', 'developer') -%}
+{{- '<|im_start|>system\n' ~ text(m.content) ~ '<|im_end|>' -}}
+{%- elif m.role == 'user' -%}
+{%- set ns.question = text(m.content) -%}
+{{- '\n<|im_start|>user\n' -}}
+{%- if tools and ns.users == last_user -%}{{- react(tools) ~ '\n\nQuestion: ' -}}{%- endif -%}
+{{- ns.question ~ '<|im_end|>' -}}
+{%- set ns.users = ns.users + 1 -%}
+{%- elif result -%}
+{{- '\nThought:' if loop.last else '' -}}
+{%- elif m.role == 'assistant' -%}
+{%- set results = namespace(list=[], open=true) -%}
+{%- for r in messages[loop.index0 + 1:] -%}
+{%- set results.open = results.open and r.role in ('tool', 'function') -%}
+{%- if results.open -%}{%- set results.list = results.list + [text(r.content)] -%}{%- endif -%}
+{%- endfor -%}
+{{- ('\n' if same_turn else '\n<|im_start|>assistant\n')
+    ~ assistant(m, ns.question, tools or same_turn, results.list) -}}
+{%- else -%}
+{{- '\n<|im_start|>' ~ m.role ~ '\n' ~ text(m.content) ~ '<|im_end|>' -}}
+{%- endif -%}
+{%- set ns.prev = 'result' if result else m.role -%}
+{%- endfor -%}
+{%- if ns.prev == 'assistant' -%}{{- '<|im_end|>' -}}{%- endif -%}
+{%- if add_generation_prompt and ns.prev != 'result' -%}{{- '\n<|im_start|>assistant\n' -}}{%- endif -%}
+"""
 
 
 class VocabFileError(ValueError):
@@ -83,13 +178,31 @@ def _write_tiktoken_ranks(ranks: dict[bytes, int], path: Path) -> None:
             f.write(base64.b64encode(token) + b" " + str(rank).encode() + b"\n")
 
 
+def _mark_special_text(value: Any, marker: str) -> Any:
+    """``value`` (messages, tools or documents: dicts, lists, dataclasses, pydantic models) as plain data with
+    ``<|`` in every string replaced by ``marker``, so that no special-token text is left in it."""
+    if isinstance(value, str):
+        return value.replace("<|", marker)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+    elif callable(getattr(value, "model_dump", None)):
+        value = value.model_dump()
+    if isinstance(value, Mapping):
+        return {key: _mark_special_text(item, marker) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_mark_special_text(item, marker) for item in value]
+    return value
+
+
 class QWenTokenizer(PreTrainedTokenizer):
     """Qwen v1 tokenizer (tiktoken BPE, NFC-normalised input, no BOS/EOS added).
 
     ``encode``/``__call__``/``tokenize`` parse special-token text as control tokens by default
     (``allowed_special="all"``), exactly like the original; pass ``allowed_special=set()`` to treat
     it as plain text, or ``disallowed_special="all"`` to refuse it. There is no pad token unless you
-    give one (batch users pass ``pad_token="<|extra_0|>"`` and ``padding_side="left"``).
+    give one (batch users pass ``pad_token="<|extra_0|>"`` and ``padding_side="left"``). ``eos_token`` is
+    ``<|endoftext|>``, named for tooling and never added to encodings. ``apply_chat_template`` renders
+    ChatML as ``make_context`` does and always encodes the messages' special-token text as plain text.
     """
 
     vocab_files_names = {"vocab_file": VOCAB_FILE, "extra_vocab_file": EXTRA_VOCAB_FILE}
@@ -121,6 +234,11 @@ class QWenTokenizer(PreTrainedTokenizer):
         self.eod_id = self.special_tokens[ENDOFTEXT]
         self.im_start_id = self.special_tokens[IM_START]
         self.im_end_id = self.special_tokens[IM_END]
+        # Chat tooling (lm-eval, TRL, generation stops) needs an eos token; the original named none. No bos,
+        # pad or unk: Qwen adds no bos, has no unknown bytes, and pad stays the caller's choice.
+        kwargs.setdefault("eos_token", ENDOFTEXT)
+        if kwargs.get("chat_template") is None:
+            kwargs["chat_template"] = CHAT_TEMPLATE
         super().__init__(errors=errors, **kwargs)
 
     def _usable_extra_ranks(self, extra_vocab_file: str | os.PathLike) -> dict[bytes, int]:
@@ -183,9 +301,12 @@ class QWenTokenizer(PreTrainedTokenizer):
         # truncates and builds tensors. Empty strings stay strings (transformers rejects []).
         allowed = kwargs.pop("allowed_special", "all")
         disallowed = kwargs.pop("disallowed_special", ())
+        chat_marker = kwargs.pop("chat_marker", None)  # set by apply_chat_template
 
         def to_ids(item: Any) -> Any:
             if isinstance(item, str) and item:
+                if chat_marker:
+                    return self._encode_rendered_chat(item, chat_marker)
                 return self._encode_ids(item, allowed, disallowed)
             return item
 
@@ -196,6 +317,48 @@ class QWenTokenizer(PreTrainedTokenizer):
             else:
                 text, text_pair = to_ids(text), to_ids(text_pair)
         return super()._encode_plus(text, text_pair, **kwargs)
+
+    def _encode_rendered_chat(self, text: str, marker: str) -> list[int]:
+        """Ids of a chat rendered from inputs whose ``<|`` became ``marker``: the special tokens left are
+        the template's own, and every other piece is plain text. As in ``make_context``, a block's role
+        and its content are encoded apart, so content that starts with a newline gets the same ids."""
+        ids: list[int] = []
+        after_start = False
+        for i, piece in enumerate(SPECIAL_RE.split(text)):
+            if i % 2:
+                ids.append(self.special_tokens[piece])
+                after_start = piece == IM_START
+                continue
+            piece = piece.replace(marker, "<|")
+            if after_start:
+                role, newline, piece = piece.partition("\n")
+                ids += self._encode_ids(role, allowed_special=set()) + self._encode_ids(newline)
+            ids += self._encode_ids(piece, allowed_special=set())
+        return ids
+
+    def apply_chat_template(
+        self,
+        conversation: Any,
+        tools: list[Any] | None = None,
+        documents: list[Any] | None = None,
+        chat_template: str | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """transformers' ``apply_chat_template``, with special-token text in messages, tools and documents
+        always encoded as plain text (as ``make_context`` does), not only under ``sanitize_control_tokens``.
+
+        A user who types ``<|im_end|>`` must not end a turn. transformers' own sanitizing encodes such text
+        apart from its surroundings, which gives other ids than ``make_context``; here ``<|`` in every input
+        string is swapped for a random marker before rendering and swapped back inside each text piece, so
+        the pieces are encoded whole. With ``tokenize=False`` the text is rendered unchanged.
+        """
+        kwargs.pop("sanitize_control_tokens", None)
+        if kwargs.get("tokenize", True):
+            marker = f"\ue000{secrets.token_hex(8)}\ue001"
+            conversation = getattr(conversation, "messages", conversation)  # a Conversation-like object
+            conversation, tools, documents = (_mark_special_text(x, marker) for x in (conversation, tools, documents))
+            kwargs["tokenizer_kwargs"] = {**(kwargs.get("tokenizer_kwargs") or {}), "chat_marker": marker}
+        return super().apply_chat_template(conversation, tools, documents, chat_template, **kwargs)
 
     def convert_tokens_to_ids(self, tokens: bytes | str | list[bytes | str]) -> int | list[int]:
         if isinstance(tokens, (bytes, str)):
@@ -233,7 +396,7 @@ class QWenTokenizer(PreTrainedTokenizer):
         if isinstance(token_ids, int):
             token_ids = [token_ids]
         if skip_special_tokens:
-            token_ids = [i for i in token_ids if i < self.eod_id]
+            token_ids = [i for i in token_ids if not isinstance(self.decoder.get(i), str)]  # specials are str
         token_ids = [i for i in token_ids if i in self.decoder]
         return self.tokenizer.decode(token_ids, errors=errors or self.errors)
 

@@ -113,10 +113,10 @@ def test_full_queue_answers_503_with_retry_after(tiny_chat, tmp_path):
     with ServerProcess(tiny_chat, "--model-name", MODEL, "--max-batch-size", "1", "--max-queue", "1",
                        log=tmp_path / "log") as server:
         async def burst() -> list[httpx.Response]:
-            body = {"model": MODEL, "prompt": "x", "max_tokens": 200, "temperature": 0}
+            body = {"model": MODEL, "prompt": "x", "max_tokens": 400, "temperature": 0}
             async with httpx.AsyncClient(timeout=120) as http:
                 return await asyncio.gather(*(http.post(f"{server.url}/v1/completions", json=body)
-                                              for _ in range(6)))
+                                              for _ in range(16)))
 
         responses = asyncio.run(burst())
         codes = sorted(r.status_code for r in responses)
@@ -141,3 +141,47 @@ def test_tokenizer_endpoints(server, tokenizer):
     chat = httpx.post(f"{server.url}/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}).json()
     assert chat["tokens"] == make_context(tokenizer, "hi", None, DEFAULT_SYSTEM)[1]
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": [10**7]}).status_code == 400
+
+
+PERSON = {"type": "object", "properties": {
+    "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
+    "role": {"enum": ["admin", "user"]}}, "required": ["name", "age", "role"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_always_validates(client):
+    """A random model writes valid JSON for the schema every time: non-streamed (n=3, sampled), and the
+    streamed deltas joined."""
+    import jsonschema
+
+    schema_format = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    body = dict(model=MODEL, messages=[{"role": "user", "content": "Who?"}], response_format=schema_format,
+                max_tokens=60, temperature=1.0, seed=3)
+    out = client.chat.completions.create(n=3, **body)
+    for choice in out.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), PERSON)
+    streamed = "".join(c.choices[0].delta.content or "" for c in client.chat.completions.create(stream=True, **body)
+                       if c.choices)
+    jsonschema.validate(json.loads(streamed), PERSON)
+    text = client.completions.create(model=MODEL, prompt="JSON:", max_tokens=60, temperature=0,
+                                     extra_body={"response_format": schema_format})
+    jsonschema.validate(json.loads(text.choices[0].text), PERSON)
+    with pytest.raises(openai.BadRequestError) as info:
+        client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "bad", "schema": {"type": "nonsense"}}})
+    assert info.value.body["param"] == "response_format"
+
+
+def test_logit_bias_forces_and_bans(client, tokenizer):
+    token = tokenizer.encode(" banana")[0]
+    out = client.completions.create(model=MODEL, prompt="x", max_tokens=3, temperature=0, logit_bias={str(token): 100})
+    assert out.choices[0].text == " banana" * 3
+    free = client.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=0, logprobs=0)
+    first = tokenizer.encode(free.choices[0].text)[0]
+    banned = client.completions.create(model=MODEL, prompt="x", max_tokens=1, temperature=0,
+                                       logit_bias={str(first): -100})
+    assert banned.choices[0].text != free.choices[0].text
+    with pytest.raises(openai.BadRequestError) as info:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=1, logit_bias={"999999": 1})
+    assert info.value.body["param"] == "logit_bias"

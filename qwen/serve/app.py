@@ -28,9 +28,10 @@ from fastapi.responses import JSONResponse
 from sse_starlette.sse import EventSourceResponse
 
 from ..engine import Engine, Sequence
+from ..grammar import lark_grammar, response_format_grammar
 from ..sampling import SamplingParams
 from .prompt_logprobs import prompt_logprobs, text_offsets
-from .prompting import OBSERVATION_STOP, PromptError, ReactStream, build_chat_prompt, parse_react
+from .prompting import OBSERVATION_STOP, PromptError, ReactStream, build_chat_prompt, forced_call_grammar, parse_react
 from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -151,7 +152,7 @@ def create_app(
                 ids = build_chat_prompt(tokenizer, ChatCompletionRequest(model=model_name,
                                                                          messages=body.messages)).ids
             except PromptError as exc:
-                raise APIError(400, str(exc), param="messages") from None
+                raise APIError(400, str(exc), param=exc.param) from None
         elif body.prompt is not None:
             ids = tokenizer.encode(body.prompt, allowed_special=set())
         else:
@@ -172,11 +173,6 @@ def create_app(
         if unknown:
             raise APIError(400, f"Unsupported field(s): {', '.join(unknown)}. This server does not implement "
                                 "them; remove them from the request.", param=unknown[0])
-        if body.response_format is not None and body.response_format.type != "text":
-            raise APIError(400, "response_format json_object/json_schema is not supported yet.",
-                           param="response_format")
-        if body.logit_bias:
-            raise APIError(400, "logit_bias is not supported yet.", param="logit_bias")
         if max_queue is not None and len(engine.waiting) >= max_queue:
             raise APIError(503, f"The server is busy: {len(engine.waiting)} requests are waiting. Retry shortly.",
                            "server_error", "overloaded")
@@ -197,6 +193,10 @@ def create_app(
                                 f"{prompt_len}, so at most {room} can be generated, but max_tokens is {max_tokens}.",
                            code="context_length_exceeded", param="max_tokens")
         temperature = body.temperature if body.temperature is not None else getattr(generation, "temperature", 1.0)
+        try:  # the grammar of a JSON response: max_tokens cutting it short is finish_reason "length"
+            grammar = response_format_grammar(body.response_format and body.response_format.model_dump(by_alias=True))
+        except ValueError as exc:
+            raise APIError(400, str(exc), param="response_format") from None
         base = dict(
             max_new_tokens=max_tokens or min(room, generation.max_new_tokens or room),
             do_sample=bool(generation.do_sample) if body.temperature is None else body.temperature > 0,
@@ -209,14 +209,16 @@ def create_app(
             stop_token_ids=stop_token_ids,
             stop=stops,
             logprobs=logprobs,
+            logit_bias={int(token): bias for token, bias in body.logit_bias.items()} if body.logit_bias else None,
+            grammar=grammar,
         )
         # Choice i draws with seed + i; any integer a client sends maps into the generator's range.
         params = [SamplingParams(**base, seed=None if body.seed is None else (body.seed + i) % 2**63)
                   for i in range(body.n)]
         try:
-            params[0].validate()
+            params[0].validate(engine.config.vocab_size)
         except ValueError as exc:
-            raise APIError(400, str(exc)) from None
+            raise APIError(400, str(exc), param="logit_bias" if "logit_bias" in str(exc) else None) from None
         return params
 
     def logprob_entries(seq: Sequence) -> list[dict]:
@@ -257,12 +259,20 @@ def create_app(
         try:
             prompt = build_chat_prompt(tokenizer, body)
         except PromptError as exc:
-            raise APIError(400, str(exc), param="messages") from None
+            raise APIError(400, str(exc), param=exc.param) from None
         stops = list(body.stop) + ([OBSERVATION_STOP] if prompt.functions else [])
         top = body.top_logprobs if body.logprobs else None
         if body.logprobs and top is None:
             top = 0
         params = sampling(body, len(prompt.ids), body.max_completion_tokens or body.max_tokens, stops, top)
+        forced = forced_call_grammar(prompt)
+        if forced is not None:  # tool_choice "required" or named: the reply is a call of an offered tool
+            if body.response_format is not None and body.response_format.type != "text":
+                raise APIError(400, "A forced tool call (tool_choice) cannot also follow response_format; "
+                                    "send one of them.", param="response_format")
+            call_grammar = lark_grammar(forced)
+            for p in params:
+                p.grammar = call_grammar
         legacy = bool(body.functions) and not body.tools
         call_reason = "function_call" if legacy else "tool_calls"
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -276,7 +286,7 @@ def create_app(
                 message: dict[str, Any] = {"role": "assistant", "content": seq.text}
                 reason = finish_reason(seq)
                 if prompt.functions:
-                    parsed = parse_react(seq.text)
+                    parsed = parse_react(prompt.prefill + seq.text)
                     message["content"] = parsed.content
                     if parsed.call is not None:
                         message.update(tool_call_message(parsed.call, legacy))
@@ -294,7 +304,7 @@ def create_app(
                                             "logprobs": logprobs}]}, ensure_ascii=False)
 
         async def events() -> AsyncIterator[str]:
-            react = [ReactStream() for _ in params]
+            react = [ReactStream(prompt.prefill) for _ in params]
             logged = [0] * len(params)
             seqs: dict[int, Sequence] = {}
             for i in range(len(params)):

@@ -36,7 +36,7 @@ class TextPart(_Lenient):
 
 
 class ChatMessage(_Lenient):
-    role: Literal["system", "user", "assistant", "tool", "function"]
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]  # developer: system
     content: str | list[TextPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None
