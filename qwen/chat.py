@@ -45,6 +45,23 @@ BASE_GENERATION_DEFAULTS = {
     "top_k": 0,
     "top_p": 0.8,
 }
+# Flags only sampling reads, at the values transformers treats as unset. A greedy call puts the ones it did
+# not pass back to these: a -Chat config's top_p 0.8 / top_k 0 would otherwise make generate() warn that
+# they are ignored, and None is no way to unset them (generate() refills None from model.generation_config).
+SAMPLING_ONLY_NEUTRAL = {
+    "temperature": 1.0, "top_p": 1.0, "top_k": 50, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0,
+}
+
+
+def sampling_settings(temperature: float, **sampling: Any) -> dict[str, Any]:
+    """Generation settings for a front end's temperature, where 0 means greedy decoding (the terminal's
+    ``:conf temperature=0`` and the web page's slider agree). ``sampling`` (e.g. ``top_p``) is kept only
+    when sampling: greedy decoding ignores it."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be 0 (greedy) or more, not {temperature}")
+    if temperature == 0:
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": float(temperature), **sampling}
 
 
 # ----- contexts -----------------------------------------------------------------------------------
@@ -218,11 +235,12 @@ def _chat_setup(model, tokenizer, queries, histories, systems, stop_words_ids, g
     if seed is not None:
         torch.manual_seed(seed)
     # Generation settings given as arguments override the config; the rest go to generate().
-    leftover = config.update(**kwargs)
+    greedy = not kwargs.get("do_sample", config.do_sample)
+    leftover = config.update(**({**SAMPLING_ONLY_NEUTRAL, **kwargs} if greedy else kwargs))
     kwargs.clear()
     kwargs.update(leftover)
     contexts = [
-        make_context(tokenizer, q, h, s, max_window_size, chat_format)[1]
+        make_context(tokenizer, q, h, DEFAULT_SYSTEM if s is None else s, max_window_size, chat_format)[1]
         for q, h, s in zip(queries, histories, systems, strict=True)
     ]
     stop_ids, stop_texts = normalize_stop_words(stop_words_ids)
@@ -247,7 +265,7 @@ def chat(
     tokenizer,
     query: str,
     history: History | None = None,
-    system: str = DEFAULT_SYSTEM,
+    system: str | None = DEFAULT_SYSTEM,
     stop_words_ids: Sequence[Any] | None = None,
     generation_config: GenerationConfig | None = None,
     **kwargs: Any,
@@ -261,14 +279,16 @@ def batch_chat(
     tokenizer,
     queries: Sequence[str],
     histories: Sequence[History | None] | None = None,
-    systems: Sequence[str] | None = None,
+    systems: Sequence[str | None] | None = None,
     stop_words_ids: Sequence[Any] | None = None,
     generation_config: GenerationConfig | None = None,
     **kwargs: Any,
 ) -> list[tuple[str, History]]:
-    """Many chat turns in one left-padded ``generate()``; each result equals ``chat()`` alone (greedy)."""
+    """Many chat turns in one left-padded ``generate()``; each result equals ``chat()`` alone (greedy).
+
+    None, for ``histories``/``systems`` or one of their items, means no history / the default system prompt."""
     histories = list(histories) if histories is not None else [None] * len(queries)
-    systems = list(systems) if systems is not None else [DEFAULT_SYSTEM] * len(queries)
+    systems = list(systems) if systems is not None else [None] * len(queries)
     config, contexts, stop_ids, stop_texts = _chat_setup(
         model, tokenizer, queries, histories, systems, stop_words_ids, generation_config, kwargs
     )
@@ -306,7 +326,7 @@ def chat_stream(
     tokenizer,
     query: str,
     history: History | None = None,
-    system: str = DEFAULT_SYSTEM,
+    system: str | None = DEFAULT_SYSTEM,
     stop_words_ids: Sequence[Any] | None = None,
     generation_config: GenerationConfig | None = None,
     **kwargs: Any,

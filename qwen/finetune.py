@@ -37,6 +37,25 @@ class FinetuneError(RuntimeError):
     """A setting or input that cannot work; the message says why and what to do instead."""
 
 
+class _NoKernelsPackageNotice(logging.Filter):
+    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community: No module named
+    'kernels'", logged whenever bitsandbytes is imported on a CPU with AVX512-BF16 (transformers' Trainer and
+    peft import it, so every fine-tune and merge printed it). ``kernels`` is an optional package that would
+    fetch a faster 4-bit CPU kernel from the Hub; without it bitsandbytes uses its own bundled kernel, so
+    nothing is wrong. Only that case is dropped: if ``kernels`` is installed and still fails, the warning stays.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.args[0] if isinstance(record.args, tuple) and record.args else None
+        return not (
+            str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
+            and isinstance(error, ModuleNotFoundError) and error.name == "kernels"
+        )
+
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsPackageNotice())
+
+
 @dataclass
 class ModelArguments:
     model_name_or_path: str = field(default="Qwen/Qwen-7B", metadata={"help": "checkpoint folder to fine-tune"})
@@ -71,6 +90,9 @@ class TrainingArguments(transformers.TrainingArguments):
                 self.warmup_steps = self.warmup_ratio
         if self.evaluation_strategy is not None and str(self.eval_strategy) in ("no", "IntervalStrategy.NO"):
             self.eval_strategy = self.evaluation_strategy
+        # transformers 5 renamed the original scripts' --gradient_checkpointing and warns on every run.
+        if self.activation_checkpointing is None and self.gradient_checkpointing is not None:
+            self.activation_checkpointing, self.gradient_checkpointing = self.gradient_checkpointing, None
         super().__post_init__()
 
 
@@ -214,6 +236,9 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
     path = model_args.model_name_or_path
     config = AutoConfig.from_pretrained(path, cache_dir=training_args.cache_dir)
     config.use_cache = False
+    # The tokenizer names <|endoftext|> as eos; without it in the config, Trainer logs a mismatch every run.
+    if config.eos_token_id is None:
+        config.eos_token_id = 151643  # <|endoftext|>
     half = _half_dtype(training_args)
     on_cuda = torch.cuda.is_available() and not training_args.use_cpu
     kwargs: dict[str, Any] = {"config": config, "cache_dir": training_args.cache_dir}

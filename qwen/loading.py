@@ -3,7 +3,62 @@
 from __future__ import annotations
 
 import argparse
+import difflib
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+DEMO_NAME = "tiny-random-qwen"  # what --demo calls its model (its folder lives in a temporary directory)
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A checkpoint path that is not a checkpoint folder; the message names it and what is close."""
+
+
+def checkpoint_folder(path: str | Path) -> Path:
+    """``path`` (``~`` expanded) as a checkpoint folder, or :class:`CheckpointNotFoundError` at once.
+
+    The front ends (and :func:`load_model`) take local folders only. Checking here, before transformers
+    sees the path, matters because transformers reads a missing ``name`` or ``org/name`` as a Hugging Face
+    Hub id and, without a network, retries the Hub for about 45 s per file before failing; and a missing
+    ``./name`` fails with "Repo id must use alphanumeric chars", which does not say the folder is missing.
+    """
+    folder = Path(path).expanduser()
+    if (folder / "config.json").is_file():
+        return folder
+    if folder.is_dir():
+        message = f"{str(path)!r} is a folder without config.json, so not a Qwen checkpoint folder."
+    else:
+        where = "" if str(path) == str(folder.absolute()) else f" (looked for {folder.absolute()})"
+        message = f"checkpoint folder {str(path)!r} does not exist{where}."
+        parent = folder.absolute().parent
+        siblings = [c.name for c in parent.iterdir() if c.is_dir()] if parent.is_dir() else []
+        near = difflib.get_close_matches(folder.name, siblings, n=3)
+        if near:
+            message += f" Did you mean {' or '.join(repr(str(folder.parent / n)) for n in near)}?"
+        elif str(path).count("/") == 1 and not str(path).startswith((".", "/", "~")):  # a Hub id: org/name
+            message += f" Download a Hub model first: hf download {path} --local-dir {folder.name}"
+    raise CheckpointNotFoundError(message)
+
+
+@contextmanager
+def front_end_checkpoint(args: argparse.Namespace) -> Iterator[tuple[Path, bool]]:
+    """``(folder, is_demo)`` for a front end's ``-c``/``--demo`` flags: the ``-c`` folder, checked at once
+    (a bad one ends the program with a one-line error), or with ``--demo`` or no ``-c`` a tiny random
+    checkpoint named ``DEMO_NAME`` in a temporary directory that is removed afterwards."""
+    try:
+        path = checkpoint_folder(args.checkpoint_path) if args.checkpoint_path else None
+    except CheckpointNotFoundError as exc:
+        sys.exit(f"error: {exc} Without a checkpoint, --demo chats with a tiny random model.")
+    if path is not None and not args.demo:
+        yield path, False
+        return
+    from qwen.tiny import make_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="qwen-demo-") as temp:
+        yield make_tiny_checkpoint(Path(temp) / DEMO_NAME), True
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -47,6 +102,7 @@ def load_model(path: str | Path, args: argparse.Namespace):
     from qwen.config import window_schedule
     from qwen.quantize import quantize_int8_
 
+    path = checkpoint_folder(path)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {}

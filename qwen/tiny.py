@@ -29,6 +29,9 @@ REMOTE_CODE_FILES = (
     "qwen_generation_utils.py",
     "cpp_kernels.py",
 )
+# A random model hardly ever says <|im_end|>, so replies run to max_new_tokens: the real checkpoints' 512
+# would make the README's chat snippet take minutes on a tiny one.
+TINY_MAX_NEW_TOKENS = 32
 REMOTE_CODE_STUB = (
     "raise ImportError('This stand-in for the original Qwen remote code was executed: '\n"
     "                  'the qwen package must never run a checkpoint folder\\'s own code.')\n"
@@ -151,6 +154,7 @@ def make_tiny_checkpoint(
     legacy_bin: bool = False,
     remote_code_stubs: bool = True,
     seed: int = 0,
+    max_new_tokens: int = TINY_MAX_NEW_TOKENS,
     **config_overrides,
 ) -> Path:
     """Create the folder and return its path. ``config_overrides`` go into config.json as given."""
@@ -165,7 +169,7 @@ def make_tiny_checkpoint(
         config["fp16"] = True
     (out / "config.json").write_text(json.dumps(config, indent=2))
     save_weights(random_weights(config, seed, dtype), out, shards, legacy_bin)
-    generation = CHAT_GENERATION_DEFAULTS if chat else BASE_GENERATION_DEFAULTS
+    generation = {**(CHAT_GENERATION_DEFAULTS if chat else BASE_GENERATION_DEFAULTS), "max_new_tokens": max_new_tokens}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2))
     tokenizer_config = {
         "model_max_length": seq_length,
@@ -195,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bin", action="store_true", help="legacy pytorch_model*.bin instead of safetensors")
     parser.add_argument("--no-remote-code-stubs", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=TINY_MAX_NEW_TOKENS,
+                        help="default reply length in generation_config.json (real checkpoints: 512)")
     args = parser.parse_args(argv)
     if args.hidden % args.heads:
         parser.error(f"--hidden {args.hidden} must be divisible by --heads {args.heads}")
@@ -216,6 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         legacy_bin=args.bin,
         remote_code_stubs=not args.no_remote_code_stubs,
         seed=args.seed,
+        max_new_tokens=args.max_new_tokens,
     )
     print(f"wrote a tiny random Qwen checkpoint to {out} (its replies are random text)")
 

@@ -24,6 +24,7 @@ from qwen.chat import (
     get_stop_words_ids,
     make_context,
 )
+from qwen.tiny import TINY_MAX_NEW_TOKENS
 
 IM_START, IM_END, ENDOFTEXT, NL = 151644, 151645, 151643, 198
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -439,7 +440,7 @@ def test_readme_batch_recipe_equals_chat(tiny_chat, tiny_model, tokenizer):
 
 def test_folder_generation_configs(tiny_chat, tiny_base):
     chat = GenerationConfig.from_pretrained(tiny_chat)
-    for key, value in CHAT_GENERATION_DEFAULTS.items():
+    for key, value in {**CHAT_GENERATION_DEFAULTS, "max_new_tokens": TINY_MAX_NEW_TOKENS}.items():
         assert getattr(chat, key) == value, key
     assert chat.chat_format == "chatml" and chat.max_window_size == 6144 and chat.top_p == 0.8
     base = GenerationConfig.from_pretrained(tiny_base)

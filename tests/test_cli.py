@@ -193,15 +193,48 @@ def test_user_text_is_printed_verbatim(cli):
     assert f"[1] user: {query}" in text, text
 
 
-def test_a_setting_that_generation_rejects_does_not_crash_the_session(cli):
-    """``:conf temperature=0`` (a natural way to ask for greedy decoding) must not kill the program."""
-    cli.command(":conf max_new_tokens=4", "max_new_tokens = 4")
-    cli.child.sendline(":conf temperature=0")
-    cli.command(":seed", "seed = 1234")
-    cli.child.sendline("hello")
-    cli.command(":seed", "seed = 1234")  # fails with the traceback if the reply crashed the program
-    cli.command(":conf temperature=0.7 max_new_tokens=4", "max_new_tokens = 4")
+def test_conf_refuses_unknown_keys_and_bad_values_at_once_and_changes_nothing(cli):
+    """A bad item is reported when typed, and no item of that line is applied; the next reply works."""
+    before = cli.command(":conf", "}")
+    before = before[before.index("{"):]
+    for line, message in [
+        (":conf bogus=1", "Unknown setting 'bogus'"),
+        (":conf max_new_tokens=abc", "max_new_tokens must be a whole number >= 1, not 'abc'"),
+        (":conf top_p=0.5 max_new_tokens=1.5", "max_new_tokens must be a whole number >= 1, not '1.5'"),
+        (":conf max_new_tokens=0", "max_new_tokens must be a whole number >= 1, not '0'"),
+        (":conf top_p=2", "top_p must be a number in (0, 1], not '2'"),
+        (":conf temperature=-1", "temperature must be a number >= 0 (0 = greedy), not '-1'"),
+        (":conf temperature=nan", "temperature must be a number >= 0 (0 = greedy), not 'nan'"),
+        (":conf do_sample=maybe", "do_sample must be true or false, not 'maybe'"),
+    ]:
+        text = cli.command(line, "Nothing changed.")
+        assert message in text, (line, text)
+    text = cli.command(":conf bogus=1", "Nothing changed.")
+    assert "keys: max_new_tokens, do_sample, temperature, top_p, top_k, repetition_penalty" in text, text
+    after = cli.command(":conf", "}")
+    assert after[after.index("{"):] == before
+    cli.command(":conf max_new_tokens=4 top_k=5 do_sample=false", "do_sample = False")
     assert cli.chat("hello")
+
+
+def test_conf_temperature_zero_is_greedy_as_on_the_web_page(cli):
+    """``temperature=0`` turns sampling off (different seeds, same reply); a temperature above 0 turns it
+    back on (different seeds, different replies)."""
+    def replies() -> list[str]:
+        out = []
+        for seed in (1, 2):
+            cli.command(f":seed {seed}", f"seed = {seed}")
+            cli.command(":clh", "History cleared.")
+            out.append(cli.chat("hello"))
+        return out
+
+    cli.command(":conf max_new_tokens=8 temperature=0", "do_sample = False")
+    greedy = replies()
+    assert greedy[0] and greedy[0] == greedy[1], greedy
+    text = cli.command(":conf temperature=1.5", "temperature = 1.5")
+    assert "do_sample = True" in text
+    sampled = replies()
+    assert sampled[0] != sampled[1], sampled
 
 
 def test_every_command(run_cli, tiny_chat, qwen_tokenizer):
@@ -300,6 +333,7 @@ def test_demo_mode_says_replies_are_random_and_takes_system_and_seed(run_cli):
     for cli, seed in ((demo, 42), (bare, 5)):
         text = cli.ready()
         assert "RANDOM weights" in text and "random text" in text, text
+        assert "Chatting with tiny-random-qwen." in text, text  # not the temporary folder's name
         cli.command(":seed", f"seed = {seed}")
     assert demo.chat("hello")
     demo.child.sendline(":q")

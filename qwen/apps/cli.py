@@ -10,13 +10,15 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import signal
 import sys
-import tempfile
 import threading
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
-from ..loading import add_model_args, load_model
+from ..chat import sampling_settings
+from ..loading import add_model_args, front_end_checkpoint, load_model
 
 HELP = """Commands:
   :help / :h                 show this help
@@ -26,6 +28,8 @@ HELP = """Commands:
   :history / :his            show the conversation
   :seed                      show the random seed;  :seed N  set it
   :conf                      show generation settings;  :conf key=value ...  change them
+                             (max_new_tokens, do_sample, temperature (0 = greedy), top_p, top_k,
+                             repetition_penalty, max_window_size)
   :reset-conf                restore the checkpoint's generation settings
 Ctrl-C stops a reply in progress. Anything else is sent to the model."""
 
@@ -41,12 +45,54 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def parse_value(text: str):
-    """``0.5`` -> float, ``true`` -> bool, ``[1, 2]`` -> list; anything else stays a string."""
-    try:
-        return json.loads(text)
-    except ValueError:
-        return text
+def _real(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(text)
+    return value
+
+
+def _boolean(text: str) -> bool:
+    words = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+    if text.lower() not in words:
+        raise ValueError(text)
+    return words[text.lower()]
+
+
+# The generation settings :conf changes: name -> (reader, allowed values, what to write).
+SETTINGS: dict[str, tuple[Callable[[str], Any], Callable[[Any], bool], str]] = {
+    "max_new_tokens": (int, lambda v: v >= 1, "a whole number >= 1"),
+    "do_sample": (_boolean, lambda v: True, "true or false"),
+    "temperature": (_real, lambda v: v >= 0, "a number >= 0 (0 = greedy)"),
+    "top_p": (_real, lambda v: 0 < v <= 1, "a number in (0, 1]"),
+    "top_k": (int, lambda v: v >= 0, "a whole number >= 0 (0 = no limit)"),
+    "repetition_penalty": (_real, lambda v: v > 0, "a number > 0 (1 = none)"),
+    "max_window_size": (int, lambda v: v >= 1, "a whole number >= 1"),
+}
+CONF_USAGE = f"Usage: :conf key=value ..., e.g. :conf max_new_tokens=64 top_p=0.9; keys: {', '.join(SETTINGS)}"
+
+
+def parse_settings(text: str) -> dict[str, Any]:
+    """``key=value ...`` as checked generation settings; ValueError says what is wrong with which item.
+
+    ``temperature=0`` means greedy decoding and a temperature above 0 means sampling, as on the web page."""
+    settings: dict[str, Any] = {}
+    for item in text.split():
+        key, eq, raw = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"Cannot read {item!r}: write key=value. {CONF_USAGE}")
+        if key not in SETTINGS:
+            raise ValueError(f"Unknown setting {key!r}. {CONF_USAGE}")
+        read, allowed, expected = SETTINGS[key]
+        try:
+            value = read(raw)
+            valid = allowed(value)
+        except ValueError:
+            valid = False
+        if not valid:
+            raise ValueError(f"{key} must be {expected}, not {raw!r}")
+        settings.update(sampling_settings(value) if key == "temperature" else {key: value})
+    return settings
 
 
 class ChatSession:
@@ -85,15 +131,17 @@ class ChatSession:
                     return True
             out(f"seed = {self.seed}")
         elif name == "conf":
-            for item in rest.split():
-                key, eq, value = item.partition("=")
-                if not eq or not key:
-                    out(f"Cannot read {item!r}: write key=value, e.g. :conf max_new_tokens=64 top_p=0.9")
-                    continue
-                setattr(self.config, key, parse_value(value))
-                out(f"{key} = {getattr(self.config, key)!r}")
             if not rest:
                 out(json.dumps(self.config.to_diff_dict(), indent=2, ensure_ascii=False))
+                return True
+            try:
+                settings = parse_settings(rest)
+            except ValueError as exc:
+                out(f"{exc}\nNothing changed.")
+                return True
+            for key, value in settings.items():  # all items were valid: apply them together
+                setattr(self.config, key, value)
+                out(f"{key} = {value!r}")
         elif name == "reset-conf":
             self.config = copy.deepcopy(self.original_config)
             out("Generation settings reset.")
@@ -120,7 +168,7 @@ class ChatSession:
                 shown = text
                 if interrupted.is_set():
                     break
-        except Exception as exc:  # e.g. a :conf value that generation rejects
+        except Exception as exc:  # :conf checks its values, but a failed reply must not end the chat
             self.console.print(f"\nerror: {exc}\n(change the setting with :conf, or :reset-conf)")
             return
         finally:
@@ -135,30 +183,30 @@ class ChatSession:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    from prompt_toolkit import PromptSession
-    from prompt_toolkit.history import InMemoryHistory
     from rich.console import Console
 
     console = Console(highlight=False, markup=False, emoji=False, soft_wrap=True)
-    path = Path(args.checkpoint_path) if args.checkpoint_path else None
-    if path is not None and not (path / "config.json").is_file():
-        sys.exit(f"error: {path} is not a Qwen checkpoint folder (no config.json); use --demo to try a tiny one")
-    temp = None
-    if path is None or args.demo:
-        from qwen.tiny import make_tiny_checkpoint
+    with front_end_checkpoint(args) as (path, is_demo):
+        if is_demo:
+            console.print("Demo mode: a tiny checkpoint with RANDOM weights, so replies are random text. "
+                          "Pass -c FOLDER to chat with a real model.")
+        try:
+            model, tokenizer = load_model(path, args)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"error: cannot load {path}: {exc}")
+        session = ChatSession(model, tokenizer, args.system, args.seed, console)
+        if args.max_new_tokens:
+            session.original_config.max_new_tokens = session.config.max_new_tokens = args.max_new_tokens
+        console.print(f"Chatting with {path.name}. Type :help for commands, :exit or Ctrl-D to quit.")
+        chat_loop(session, console)
+    console.print("Bye.")
 
-        temp = tempfile.TemporaryDirectory()
-        path = make_tiny_checkpoint(temp.name)
-        console.print("Demo mode: a tiny checkpoint with RANDOM weights, so replies are random text. "
-                      "Pass -c FOLDER to chat with a real model.")
-    try:
-        model, tokenizer = load_model(path, args)
-    except (OSError, ValueError) as exc:
-        sys.exit(f"error: cannot load {path}: {exc}")
-    session = ChatSession(model, tokenizer, args.system, args.seed, console)
-    if args.max_new_tokens:
-        session.original_config.max_new_tokens = session.config.max_new_tokens = args.max_new_tokens
-    console.print(f"Chatting with {path.name}. Type :help for commands, :exit or Ctrl-D to quit.")
+
+def chat_loop(session: ChatSession, console) -> None:
+    """Read lines until :exit or Ctrl-D; colon commands go to the session, anything else to the model."""
+    from prompt_toolkit import PromptSession
+    from prompt_toolkit.history import InMemoryHistory
+
     prompt = PromptSession(history=InMemoryHistory())
     while True:
         try:
@@ -175,6 +223,3 @@ def main(argv: list[str] | None = None) -> None:
                 break
             continue
         session.reply(line)
-    console.print("Bye.")
-    if temp is not None:
-        temp.cleanup()

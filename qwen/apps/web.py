@@ -6,12 +6,11 @@ output is shown as sanitized Markdown, so HTML or script in a reply never runs i
 
 import argparse
 import sys
-import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
-from ..loading import add_model_args, load_model
+from ..chat import sampling_settings
+from ..loading import add_model_args, front_end_checkpoint, load_model
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -58,11 +57,7 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
             gr.Warning("Type a message first.")
             yield to_messages(history), history, ""
             return
-        settings = {"max_new_tokens": int(max_new_tokens), "top_p": float(top_p)}
-        if temperature > 0:
-            settings.update(do_sample=True, temperature=float(temperature))
-        else:
-            settings.update(do_sample=False)
+        settings = {"max_new_tokens": int(max_new_tokens), **sampling_settings(temperature, top_p=float(top_p))}
         run = runs[request.session_hash] = _Run()
         turn = history + [(query, "")]
         replies = model.chat_stream(tokenizer, query, history=history, system=system or DEFAULT_SYSTEM, **settings)
@@ -127,22 +122,15 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    path = Path(args.checkpoint_path) if args.checkpoint_path else None
-    if path is not None and not (path / "config.json").is_file():
-        sys.exit(f"error: {path} is not a Qwen checkpoint folder (no config.json); use --demo to try a tiny one")
-    title = "Qwen"
-    if path is None or args.demo:
-        from qwen.tiny import make_tiny_checkpoint
-
-        demo_dir = tempfile.TemporaryDirectory(prefix="qwen-demo-")  # removed when the app exits
-        path = make_tiny_checkpoint(demo_dir.name)
-        title = "Qwen demo (tiny random model: replies are random text)"
-        print(title)
-    try:
-        model, tokenizer = load_model(path, args)
-    except (OSError, ValueError) as exc:
-        sys.exit(f"error: cannot load {path}: {exc}")
-    demo = build_ui(model, tokenizer, title)
-    demo.queue(default_concurrency_limit=4).launch(
-        server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser
-    )
+    with front_end_checkpoint(args) as (path, is_demo):
+        title = "Qwen demo (tiny random model: replies are random text)" if is_demo else "Qwen"
+        if is_demo:
+            print(title)
+        try:
+            model, tokenizer = load_model(path, args)
+        except (OSError, ValueError) as exc:
+            sys.exit(f"error: cannot load {path}: {exc}")
+        demo = build_ui(model, tokenizer, title)
+        demo.queue(default_concurrency_limit=4).launch(
+            server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser
+        )

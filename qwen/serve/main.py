@@ -8,9 +8,8 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
 
-from ..loading import add_model_args, load_model, positive_int
+from ..loading import CheckpointNotFoundError, add_model_args, checkpoint_folder, load_model, positive_int
 
 NO_CHECKPOINT = """error: no checkpoint given. Pass -c/--checkpoint-path with an original Qwen v1 folder
 (e.g. a downloaded Qwen-7B-Chat: config.json, model*.safetensors, qwen.tiktoken, ...).
@@ -54,9 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if not args.checkpoint_path:
         sys.exit(NO_CHECKPOINT)
-    path = Path(args.checkpoint_path)
-    if not (path / "config.json").is_file():
-        sys.exit(f"error: {path} is not a checkpoint folder (no config.json). {NO_CHECKPOINT.split(chr(10), 1)[1]}")
+    try:
+        path = checkpoint_folder(args.checkpoint_path)
+    except CheckpointNotFoundError as exc:
+        sys.exit(f"error: {exc}\n{NO_CHECKPOINT.split(chr(10), 2)[2]}")
     if args.api_auth and ":" not in args.api_auth:
         sys.exit("error: --api-auth takes user:password")
 
