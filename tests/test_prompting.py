@@ -273,3 +273,16 @@ def test_forced_call_grammar_allows_only_calls_of_the_offered_tools(tokenizer):
     named = build(tokenizer, QUESTION, tools=TOOLS, tool_choice=NAMED)
     assert accepts(named, f" {ARGS}") and not accepts(named, ' {"town": "Paris"}')
     assert forced_call_grammar(build(tokenizer, QUESTION, tools=TOOLS)) is None
+
+
+def test_original_qwen_style_functions(tokenizer):
+    """The original server's function format (name_for_model, name_for_human, description_for_model, a list
+    of parameters) gives the original tool line."""
+    function = {"name_for_human": "Weather", "name_for_model": "get_weather", "description_for_model": "Weather.",
+                "parameters": [{"name": "city", "description": "City", "required": True, "schema": {"type": "string"}}]}
+    request = ChatCompletionRequest(model="m", messages=[{"role": "user", "content": "Paris?"}], functions=[function])
+    text = tokenizer.decode(build_chat_prompt(tokenizer, request).ids)
+    assert ("get_weather: Call this tool to interact with the Weather API. What is the Weather API useful for? "
+            'Weather. Parameters: [{"name": "city", "description": "City", "required": true, "schema": '
+            '{"type": "string"}}]') in text
+    assert "[get_weather]" in text

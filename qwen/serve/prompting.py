@@ -18,7 +18,7 @@ from ..chat import DEFAULT_SYSTEM
 from .protocol import ChatCompletionRequest, ChatMessage, FunctionDefinition, NamedFunction, NamedToolChoice
 
 TOOL_DESC = (
-    "{name}: Call this tool to interact with the {name} API. What is the {name} API useful for? "
+    "{name}: Call this tool to interact with the {human} API. What is the {human} API useful for? "
     "{description} Parameters: {parameters}"
 )
 REACT_INSTRUCTION = """Answer the following questions as best you can. You have access to the following APIs:
@@ -122,7 +122,7 @@ def forced_call_grammar(prompt: ChatPrompt) -> str | None:
         start = " | ".join(json.dumps(f" {f.name}\nAction Input: ") + f" args{k}" for k, f in enumerate(functions))
     rules = [f"start: {start}"]
     for k, f in enumerate(functions):
-        schema = {**(f.parameters or {"type": "object"}), "x-guidance": _ARGUMENTS_LAYOUT}
+        schema = {**f.arguments_schema, "x-guidance": _ARGUMENTS_LAYOUT}
         rules.append(f"args{k}: %json {json.dumps(schema, ensure_ascii=False)}")
     return "\n".join(rules) + "\n"
 
@@ -130,7 +130,8 @@ def forced_call_grammar(prompt: ChatPrompt) -> str | None:
 def react_instruction(functions: list[FunctionDefinition]) -> str:
     tools_text = "\n\n".join(
         TOOL_DESC.format(
-            name=f.name, description=f.description, parameters=json.dumps(f.parameters, ensure_ascii=False)
+            name=f.name, human=f.name_for_human or f.name, description=f.description,
+            parameters=json.dumps(f.parameters, ensure_ascii=False),
         )
         for f in functions
     )

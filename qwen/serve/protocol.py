@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_N = 16
 
@@ -51,9 +51,26 @@ class ChatMessage(_Lenient):
 
 
 class FunctionDefinition(_Lenient):
+    """OpenAI's function (name, description, JSON-schema parameters), or the original Qwen server's
+    (name_for_model, name_for_human, description_for_model, a list of parameters)."""
+
     name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
     description: str = ""
-    parameters: dict[str, Any] = Field(default_factory=dict)
+    parameters: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
+    name_for_human: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _qwen_style(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "name" not in data and "name_for_model" in data:
+            data = {**data, "name": data["name_for_model"],
+                    "description": data.get("description_for_model", data.get("description", ""))}
+        return data
+
+    @property
+    def arguments_schema(self) -> dict[str, Any]:
+        """The arguments' JSON schema (any object for the Qwen-style parameter list)."""
+        return self.parameters if isinstance(self.parameters, dict) and self.parameters else {"type": "object"}
 
 
 class Tool(_Lenient):
