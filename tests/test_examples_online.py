@@ -76,6 +76,10 @@ class ScriptedEngine(Engine):
         prompt = self.tokenizer.decode(prompt_ids)
         self.prompts.append(prompt)
         reply = None if self.script is None else self.script(prompt)
+        for prefill in ("Action Input:", "Action:"):  # a forced call (tool_choice) has its start in the prompt
+            if reply is not None and prompt.endswith(prefill) and prefill in reply:
+                reply = reply.split(prefill, 1)[1]
+                break
         self.model.lm_head.load(None if reply is None else self.tokenizer.encode(reply))
         return super().submit(prompt_ids, params, on_event)
 
