@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +37,15 @@ def tiny_model(tiny_chat):
 
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_pretrained(tiny_chat).eval()
+
+
+@pytest.fixture(scope="session")
+def api_server(tiny_chat, tmp_path_factory):
+    """``python openai_api.py`` serving the tiny chat checkpoint as model "tiny", shared by the tests that
+    drive it with real clients (openai, LangChain, lm-eval); its log is ``api_server.log``."""
+    from qwen.serve.process import ServerProcess
+
+    log = tmp_path_factory.mktemp("api-server") / "server.log"
+    with ServerProcess(tiny_chat, "--model-name", "tiny", command=[sys.executable, "openai_api.py"],
+                       cwd=Path(__file__).resolve().parents[1], log=log) as server:
+        yield server

@@ -4,8 +4,6 @@ schema. The model is random, so forced tool calls and schemas are what make its 
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -15,19 +13,13 @@ langchain_openai = pytest.importorskip("langchain_openai")
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
 
-from qwen.serve.process import ServerProcess  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
 
 
 @pytest.fixture(scope="module")
-def llm(tiny_chat, tmp_path_factory):
-    log = tmp_path_factory.mktemp("langchain") / "server.log"
-    with ServerProcess(tiny_chat, "--model-name", MODEL, command=[sys.executable, "openai_api.py"], cwd=ROOT,
-                       log=log) as server:
-        yield langchain_openai.ChatOpenAI(model=MODEL, base_url=f"{server.url}/v1", api_key="none", temperature=0,
-                                          max_tokens=24, max_retries=0)
+def llm(api_server):
+    return langchain_openai.ChatOpenAI(model=MODEL, base_url=f"{api_server.url}/v1", api_key="none", temperature=0,
+                                       max_tokens=24, max_retries=0)
 
 
 @tool

@@ -6,16 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from qwen.serve.process import ServerProcess  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny"
 QUESTIONS = [
     {"question": "What is the capital of France?", "choices": ["Paris", "Rome", "Berlin", "Madrid"], "answer": 0},
@@ -43,11 +39,8 @@ def tasks(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_chat, tmp_path_factory):
-    log = tmp_path_factory.mktemp("lm-eval-server") / "server.log"
-    with ServerProcess(tiny_chat, "--model-name", MODEL, command=[sys.executable, "openai_api.py"], cwd=ROOT,
-                       log=log) as proc:
-        yield proc
+def server(api_server):
+    return api_server
 
 
 @pytest.fixture(autouse=True)

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from ..chat import DEFAULT_SYSTEM
+from ..grammar import JSON_OPTIONS
 from .protocol import ChatCompletionRequest, ChatMessage, FunctionDefinition, NamedFunction, NamedToolChoice
 
 TOOL_DESC = (
@@ -105,7 +106,7 @@ def forced_call(request: ChatCompletionRequest, functions: list[FunctionDefiniti
 
 # JSON arguments laid out as json.dumps writes them (as qwen.grammar does); a schema keyword that
 # cannot be enforced is ignored (OpenAI's non-strict function calling: best effort).
-_ARGUMENTS_LAYOUT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": True}
+_ARGUMENTS_LAYOUT = {**JSON_OPTIONS, "lenient": True}  # the JSON layout of response_format, lenient schemas
 
 
 def forced_call_grammar(prompt: ChatPrompt) -> str | None:
