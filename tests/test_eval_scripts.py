@@ -14,7 +14,6 @@ import torch
 
 from qwen.eval import extract, tasks
 from qwen.eval.scoring import letter_ids
-from qwen.serve.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 OPTIONS = [("1", "2", "3", "4"), ("red", "green", "blue", "None"), ("甲", "乙", "丙", "丁")]
@@ -163,19 +162,23 @@ def test_resume_and_refusal_to_mix_runs(data, tiny_base, tmp_path, capsys, monke
     assert len(read_jsonl(log)) == 4
 
 
-def test_clear_errors(data, tiny_base, tiny_chat, tmp_path):
+def test_clear_errors(data, tiny_base, tiny_chat, tmp_path, capsys, monkeypatch):
     missing = script("evaluate_ceval", "-c", tmp_path / "nope", "-d", data / "ceval", "--subjects", "computer_network",
                      cwd=tmp_path, check=False)
     assert missing.returncode == 2 and "no checkpoint folder" in missing.stderr and "Traceback" not in missing.stderr
-    no_data = script("evaluate_cmmlu", "-c", tiny_base, cwd=tmp_path, check=False)
-    assert no_data.returncode == 2 and "cmmlu_v1_0_1.zip" in no_data.stderr
-    chat_on_base = script("evaluate_chat_mmlu", "-c", tiny_base, "-d", data / "mmlu", "--subjects", "anatomy",
-                          cwd=tmp_path, check=False)
-    assert chat_on_base.returncode == 2 and "base model" in chat_on_base.stderr
-    unsafe = script("evaluate_humaneval", "-c", tiny_base, "-f", data / "HumanEval.jsonl", cwd=tmp_path, check=False)
-    assert unsafe.returncode == 2 and "--confirm-run-unsafe-code" in unsafe.stderr
-    hfagent = script("evaluate_plugin", "-c", tiny_chat, "--eval-hfagent", cwd=tmp_path, check=False)
-    assert hfagent.returncode == 2 and "transformers" in hfagent.stderr
+    monkeypatch.chdir(tmp_path)  # the same programs in-process (each subprocess costs seconds of imports)
+    cases = [
+        (lambda: tasks.main_multiple_choice("cmmlu", ["-c", str(tiny_base)]), "cmmlu_v1_0_1.zip"),
+        (lambda: tasks.main_chat_multiple_choice("mmlu", ["-c", str(tiny_base), "-d", str(data / "mmlu"),
+                                                         "--subjects", "anatomy"]), "base model"),
+        (lambda: tasks.main_humaneval(False, ["-c", str(tiny_base), "-f", str(data / "HumanEval.jsonl")]),
+         "--confirm-run-unsafe-code"),
+        (lambda: tasks.main_plugin(tmp_path, ["-c", str(tiny_chat), "--eval-hfagent"]), "transformers"),
+    ]
+    for run, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_gsm8k_scripts(data, tiny_base, tiny_chat, tmp_path):
@@ -229,12 +232,12 @@ def test_plugin_script(data, tiny_chat, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_chat):
-    with ServerProcess(tiny_chat, "--model-name", "tiny") as proc:
-        yield proc
+def server(api_server):
+    return api_server
 
 
-def test_chat_scripts_through_the_api(data, tiny_chat, tiny_model, tokenizer, server, tmp_path):
+def test_chat_scripts_through_the_api(data, tiny_chat, tiny_model, tokenizer, server, tmp_path, capsys,
+                                      monkeypatch):
     """The chat scripts through openai_api.py get the server's greedy replies: those of a local chat() on
     the message as the server reads it (stripped of surrounding whitespace, as the original server did)."""
     from qwen.chat import chat
@@ -251,19 +254,22 @@ def test_chat_scripts_through_the_api(data, tiny_chat, tiny_model, tokenizer, se
     assert json.loads((tmp_path / "api.json").read_text())["config"]["model"].startswith("tiny @ ")
     assert "| Average" in result.stdout
     # A base completion task through /v1/completions: the server's greedy completion, cut by the original rule.
-    script("evaluate_gsm8k", "--api-base", f"{server.url}/v1", "-f", data / "gsm8k.jsonl", "--limit", 1,
-           "--max-new-tokens", 8, "-o", "base.jsonl", "--no-progress", cwd=tmp_path)
+    # The other scripts in-process (a subprocess each would cost seconds of imports).
+    monkeypatch.chdir(tmp_path)
+    api = ["--api-base", f"{server.url}/v1", "--no-progress"]
+    tasks.main_gsm8k(False, [*api, "-f", str(data / "gsm8k.jsonl"), "--limit", "1", "--max-new-tokens", "8",
+                             "-o", "base.jsonl"])
     (base,) = read_jsonl(tmp_path / "base.jsonl")
     ids = tokenizer.encode(base["prompt"])
     with torch.no_grad():
         out = tiny_model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)
     assert base["completion"] == extract.cut(tokenizer.decode(out[0, len(ids):].tolist()), extract.GSM8K_CUT)
-    script("evaluate_chat_gsm8k", "--api-base", f"{server.url}/v1", "-f", data / "gsm8k.jsonl", "--limit", 2,
-           "--max-new-tokens", 8, "--no-progress", cwd=tmp_path)
+    tasks.main_gsm8k(True, [*api, "-f", str(data / "gsm8k.jsonl"), "--limit", "2", "--max-new-tokens", "8"])
     assert len(read_jsonl(tmp_path / "gsm8k_res.jsonl")) == 2
-    humaneval = script("evaluate_chat_humaneval", "--api-base", f"{server.url}/v1", "-f", data / "HumanEval.jsonl",
-                       "--max-new-tokens", 8, "--confirm-run-unsafe-code", "--no-progress", cwd=tmp_path)
-    assert "pass@1" in humaneval.stdout and len(read_jsonl(tmp_path / "HumanEval_res.jsonl_results.jsonl")) == 2
-    mmlu = script("evaluate_chat_mmlu", "--api-base", f"{server.url}/v1", "-d", data / "mmlu", "--subjects",
-                  "anatomy", "--limit", 2, "--max-new-tokens", 8, "--no-progress", cwd=tmp_path)
-    assert "| Average" in mmlu.stdout
+    tasks.main_humaneval(True, [*api, "-f", str(data / "HumanEval.jsonl"), "--max-new-tokens", "8",
+                                "--confirm-run-unsafe-code"])
+    assert "pass@1" in capsys.readouterr().out
+    assert len(read_jsonl(tmp_path / "HumanEval_res.jsonl_results.jsonl")) == 2
+    tasks.main_chat_multiple_choice("mmlu", [*api, "-d", str(data / "mmlu"), "--subjects", "anatomy", "--limit", "2",
+                                             "--max-new-tokens", "8"])
+    assert "| Average" in capsys.readouterr().out
