@@ -576,8 +576,8 @@ def test_gradient_checkpointing_matches_plain_backward(tiny_chat):
     for checkpointing in (False, True):
         model = AutoModelForCausalLM.from_pretrained(tiny_chat)
         if checkpointing:
-            model.gradient_checkpointing_enable()
-            assert model.is_gradient_checkpointing
+            model.activation_checkpointing_enable()
+            assert model.is_activation_checkpointing
         model.train()
         out = model(ids, labels=ids)
         out.loss.backward()
