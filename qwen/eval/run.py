@@ -118,15 +118,13 @@ class LocalBackend(Backend):
     """A checkpoint folder loaded with this package (``qwen.loading``: --int8, --kv-cache-int8 ...)."""
 
     def __init__(self, args: argparse.Namespace, chat: bool) -> None:
-        from qwen.loading import load_model
+        from qwen.loading import CheckpointNotFoundError, checkpoint_folder, load_model
 
-        path = Path(args.checkpoint_path)
-        if not (path / "config.json").is_file():
-            raise EvalError(
-                f"no checkpoint folder at {path} (config.json missing). Download the model first (e.g. "
-                f"`huggingface-cli download {args.checkpoint_path} --local-dir DIR`) and pass -c DIR; for a "
-                "quick try, `python -m qwen.tiny DIR` writes a tiny random one."
-            )
+        try:
+            path = checkpoint_folder(args.checkpoint_path)
+        except CheckpointNotFoundError as exc:
+            raise EvalError(f"no checkpoint folder: {exc} Pass -c DIR; for a quick try, `python -m qwen.tiny DIR` "
+                            "writes a tiny random one.") from None
         self.model, self.tokenizer = load_model(path, args)
         config = self.model.generation_config
         self.chat_model = (getattr(config, "chat_format", None) or "raw") == "chatml"

@@ -10,7 +10,6 @@ read and write the user's files and use the network.
 
 from __future__ import annotations
 
-import gzip
 import json
 import math
 import os
@@ -175,33 +174,6 @@ def score_samples(
     return results, {**summary, "n_tasks": len(counts), "n_samples": len(results)}
 
 
-def read_jsonl(path: str | os.PathLike, required: Iterable[str] = ()) -> list[dict]:
-    """Read a JSONL (or .jsonl.gz) file of objects, skipping blank lines; every object must hold the
-    ``required`` keys. Problems are reported with the file and line number."""
-    path = Path(path)
-    rows = []
-    try:
-        with gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{path}, line {line_no}: not valid JSON ({e.msg})") from None
-                if not isinstance(row, dict):
-                    raise EvalError(f"{path}, line {line_no}: expected a JSON object, got {type(row).__name__}")
-                missing = [key for key in required if key not in row]
-                if missing:
-                    raise EvalError(f"{path}, line {line_no}: missing {', '.join(missing)}")
-                rows.append(row)
-    except FileNotFoundError:
-        raise EvalError(f"no such file: {path}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EvalError(f"cannot read {path}: {e}") from None
-    return rows
-
-
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for row in rows:
@@ -215,10 +187,9 @@ def score_file(
     """Score a samples JSONL of {task_id, completion} lines (what the eval scripts write) against the problems
     (HumanEval.jsonl or .jsonl.gz), write ``<samples_path>_results.jsonl`` as human-eval does (each sample
     plus "result" and "passed"), and return the summary."""
-    if not Path(problems_path).is_file():
-        raise EvalError(f"no such file: {problems_path} (`python -m qwen.eval.data fetch humaneval --out data` "
-                        "writes data/humaneval/HumanEval.jsonl)")
-    problems = {p["task_id"]: p for p in read_jsonl(problems_path, ("task_id", "prompt", "test", "entry_point"))}
+    from .data import read_humaneval, read_jsonl
+
+    problems = {p["task_id"]: p for p in read_humaneval(problems_path)}
     samples = read_jsonl(samples_path, ("task_id", "completion"))
     if not samples:
         raise EvalError(f"{samples_path} holds no samples")

@@ -238,10 +238,11 @@ def main_chat_multiple_choice(bench_name: str, argv: list[str] | None = None) ->
 
 
 def _gsm8k_items(args: argparse.Namespace) -> list[dict]:
+    """The whole test set (the results report its size; ``--limit`` applies afterwards)."""
     if not args.sample_input_file:
         raise EvalError("pass -f GSM8K_TEST (a JSONL file, a folder with test.jsonl, or a datasets save_to_disk "
                         "folder); `python -m qwen.eval.data fetch gsm8k --out data` writes data/gsm8k/test.jsonl")
-    return data.read_gsm8k(args.sample_input_file)[: args.limit]
+    return data.read_gsm8k(args.sample_input_file)
 
 
 def main_gsm8k(chat: bool, argv: list[str] | None = None) -> None:
@@ -266,7 +267,8 @@ def main_gsm8k(chat: bool, argv: list[str] | None = None) -> None:
         args = parser.parse_args(argv)
         started = time.time()
         set_seed(args.seed)
-        items = _gsm8k_items(args)
+        every_item = _gsm8k_items(args)
+        items = every_item[: args.limit]
         if chat:
             fewshot = prompts.read_prompt_file(args.fewshot_file, prompts.CHAT_GSM8K_FEWSHOT_FILE) \
                 if args.use_fewshot else None
@@ -298,7 +300,7 @@ def main_gsm8k(chat: bool, argv: list[str] | None = None) -> None:
         label = ("4-shot" if args.use_fewshot else "Zero-shot") if chat else "8-shot"
         print_table(f"gsm8k ({label})", [("accuracy", accuracy), ("items", len(docs))])
         write_results(args.output_json, "chat_gsm8k" if chat else "gsm8k", {"accuracy": accuracy},
-                      {"original": len(data.read_gsm8k(args.sample_input_file)), "effective": len(docs)},
+                      {"original": len(every_item), "effective": len(docs)},
                       settings, started)
         log.close()
 

@@ -221,10 +221,14 @@ def create_app(
             raise APIError(400, str(exc), param="logit_bias" if "logit_bias" in str(exc) else None) from None
         return params
 
+    def token_text(token_id: int) -> bytes:
+        """A token's bytes (special tokens as their text; ids without a token as nothing)."""
+        raw = tokenizer.decoder.get(token_id, b"")
+        return raw.encode() if isinstance(raw, str) else raw
+
     def logprob_entries(seq: Sequence) -> list[dict]:
         def entry(token_id: int, logprob: float) -> dict:
-            raw = tokenizer.decoder.get(token_id, b"")
-            raw = raw.encode() if isinstance(raw, str) else raw
+            raw = token_text(token_id)
             return {"token": raw.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(raw)}
 
         return [
@@ -363,10 +367,6 @@ def create_app(
                 raise APIError(400, "A prompt is empty.", param="prompt")
             prompts.append((ids, item if isinstance(item, str) else tokenizer.decode(ids)))
         return prompts
-
-    def token_text(token_id: int) -> bytes:
-        raw = tokenizer.decoder.get(token_id, b"")
-        return raw.encode() if isinstance(raw, str) else raw
 
     def legacy_logprobs(entries: list[tuple[int, float | None, list[tuple[int, float]] | None]],
                         start: int) -> dict:
