@@ -4,9 +4,10 @@
     python bench/quant.py --hidden 1024 --layers 8  # blocks a larger share of the weights (~10 min)
 
 Rows: fp32; bf16; int8 weight-only (round-to-nearest per output channel, every Linear incl. lm_head,
-``quantize_int8_``); GPTQ int8 and int4 folders written by run_gptq's code (qwen.gptq) and loaded
-with the ``dequant`` backend (bf16 weights) and the ``int8`` backend (Int8Linear blocks, lm_head
-bf16 as stored). Each row runs in a fresh child process so its peak memory is its own: "peak RSS"
+``quantize_int8_``); int4 weight-only (``quantize_int4_``: groups of 128, blocks only); GPTQ int8
+and int4 folders written by run_gptq's code (qwen.gptq) and loaded with the ``dequant`` backend (bf16
+weights), the ``int8`` backend (Int8Linear blocks, lm_head bf16 as stored) and, for int4, the ``int4``
+backend (Int4Linear blocks). Each row runs in a fresh child process so its peak memory is its own: "peak RSS"
 is the highest resident memory (sampled from /proc/self/statm every 2 ms) above the child's
 baseline after imports, over loading, a held-out forward and a short generation. Decode tokens/s
 is greedy, batch 1, ``model.generate``, measured as extra tokens over extra time (1 + N tokens minus
@@ -35,14 +36,16 @@ from peak_rss import PeakRSS  # bench/peak_rss.py (the script's folder is on sys
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
-    # name: (folder, dtype, gptq_backend, int8 weight-only afterwards)
-    "fp32": ("fp32", "float32", None, False),
-    "bf16": ("bf16", "bfloat16", None, False),
-    "int8 weight-only (RTN)": ("bf16", "bfloat16", None, True),
-    "GPTQ int8, dequant": ("gptq8", "bfloat16", "dequant", False),
-    "GPTQ int8, int8 backend": ("gptq8", "bfloat16", "int8", False),
-    "GPTQ int4, dequant": ("gptq4", "bfloat16", "dequant", False),
-    "GPTQ int4, int8 backend": ("gptq4", "bfloat16", "int8", False),
+    # name: (folder, dtype, gptq_backend, weight-only quantization afterwards)
+    "fp32": ("fp32", "float32", None, None),
+    "bf16": ("bf16", "bfloat16", None, None),
+    "int8 weight-only (RTN)": ("bf16", "bfloat16", None, "int8"),
+    "int4 weight-only (RTN, groups of 128)": ("bf16", "bfloat16", None, "int4"),
+    "GPTQ int8, dequant": ("gptq8", "bfloat16", "dequant", None),
+    "GPTQ int8, int8 backend": ("gptq8", "bfloat16", "int8", None),
+    "GPTQ int4, dequant": ("gptq4", "bfloat16", "dequant", None),
+    "GPTQ int4, int8 backend": ("gptq4", "bfloat16", "int8", None),
+    "GPTQ int4, int4 backend": ("gptq4", "bfloat16", "int4", None),
 }
 
 
@@ -65,12 +68,12 @@ def folder_size(path: Path) -> int:
 def load(work: Path, name: str):
     from transformers import AutoModelForCausalLM
 
-    from qwen.quantize import quantize_int8_
+    from qwen.quantize import quantize_int4_, quantize_int8_
 
-    folder, dtype, backend, int8 = ROWS[name]
+    folder, dtype, backend, after = ROWS[name]
     kwargs = {"gptq_backend": backend} if backend else {}
     model = AutoModelForCausalLM.from_pretrained(work / folder, dtype=getattr(torch, dtype), **kwargs).eval()
-    return quantize_int8_(model) if int8 else model
+    return {"int8": quantize_int8_, "int4": quantize_int4_, None: lambda m: m}[after](model)
 
 
 def generate_seconds(model, prompt: torch.Tensor, n: int) -> float:

@@ -8,6 +8,13 @@ model's own (``QWenModel`` with its attention function); the engine only supplie
 the per-sequence dynamic-NTK alpha fixed at prefill, and its slot cache. Token selection runs on
 the device; the one host sync per step reads the new token of every sequence at once.
 
+With ``overlap`` (the default on CUDA) a decode step is queued on the GPU before the host reads the
+previous step's tokens, so the host's work between steps (reading tokens, detokenizing, stop checks,
+launching) runs while the GPU computes instead of leaving it idle. The next step's input tokens never
+leave the device. A sequence that turns out to have finished has computed one token too many, which
+is dropped. Steps whose rows need the host's view of the tokens first (repetition, presence or
+frequency penalties, grammars) and steps that admit new requests run without overlap.
+
 A request with a grammar (``SamplingParams.grammar``, e.g. an OpenAI ``response_format``) has the
 tokens its grammar forbids masked out before every selection, its first token included, and stops
 ("stop") as soon as the grammar is complete; ``max_new_tokens`` reached first ends it with "length"
@@ -35,16 +42,35 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .chat import cut_text, stable_text
 from .kv_cache import SlotKVCache
 from .modeling import QWenLMHeadModel, ntk_alpha
-from .sampling import SamplingParams, TokenStats, select_tokens
+from .sampling import SamplingParams, TokenStats, device_tensor, select_tokens
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
 
     from .grammar import Grammars
 
-# cuDNN's attention builds a plan per key length, and an eager decode step has a new one each time
-# (measured on an H100: 3x slower decoding); the compiled step sees a few lengths only.
-EAGER_DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+# The SDPA kernels an eager decode step may use, in order of preference: cuDNN's attention builds a
+# plan per key length, and an eager decode step has a new one each time (measured on an H100: 3x
+# slower decoding). The compiled step sees a few lengths only and leaves the choice to PyTorch (cuDNN
+# on an H200: 8 µs per layer for 256 keys; bench/gpu_profile.py measures the alternatives).
+DECODE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+@dataclass
+class _Launched:
+    """A decode step queued on the device whose tokens the host has not read yet."""
+
+    seqs: list[Sequence]  # row i's sequence
+    tokens: torch.Tensor  # on the host once ``ready`` has passed
+    ready: torch.cuda.Event | None
+    logprobs: tuple[torch.Tensor, torch.Tensor | None] | None  # (chosen [n], top-k of [n, V]) when wanted
+
+
+def overlap_safe(params: SamplingParams) -> bool:
+    """Whether a request can be decoded one step ahead of the host: penalties and grammars need the
+    host to have seen the previous token before the next one is chosen."""
+    return (params.repetition_penalty == 1.0 and not params.presence_penalty and not params.frequency_penalty
+            and params.grammar is None)
 
 
 @dataclass
@@ -65,6 +91,7 @@ class Sequence:
     generator: torch.Generator | None = None
     matcher: LLMatcher | None = None  # the state of params.grammar
     first_token_time: float | None = None
+    inflight: int = 0  # tokens computed on the device that the host has not read yet (0 or 1)
 
     @property
     def done(self) -> bool:
@@ -82,6 +109,11 @@ class Engine:
     ``compile`` runs the decode step through ``torch.compile`` (with CUDA graphs on a GPU, where
     launching each small kernel from Python costs more than the kernel). Its shapes are kept to a
     few: the batch is padded to a power of two and attention spans a power-of-two number of keys.
+
+    ``overlap`` queues each decode step before reading the previous one's tokens (default: on CUDA,
+    where the GPU otherwise waits for the host between steps; see the module docstring).
+    ``decode_attention`` the SDPA kernels a decode step may use (default: ``DECODE_ATTENTION`` for the
+    eager step, PyTorch's choice for the compiled one).
     """
 
     def __init__(
@@ -92,6 +124,8 @@ class Engine:
         max_model_len: int | None = None,
         kv_cache_int8: bool | None = None,
         compile: bool = False,
+        overlap: bool | None = None,
+        decode_attention: tuple[SDPBackend, ...] | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -119,10 +153,13 @@ class Engine:
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()  # not the step's lock: building takes a second
         self.compiled = compile
-        self._decode_logits = self._forward_last
+        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self._launched: _Launched | None = None
+        self.decode_attention = decode_attention or (None if compile else DECODE_ATTENTION)
+        self._decode_logits = self._decode_step
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._decode_logits = torch.compile(self._forward_last, mode=mode, fullgraph=True)
+            self._decode_logits = torch.compile(self._decode_step, mode=mode, fullgraph=True)
 
     def warm_up(self) -> None:
         """Compile the decode step now rather than in the first requests: short runs at batch 1
@@ -237,7 +274,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self.waiting or self.running):
+                while not (self._stopping or self.waiting or self.running or self._launched):
                     self._lock.wait()
                 if self._stopping:
                     return
@@ -246,12 +283,14 @@ class Engine:
             except Exception as exc:  # a broken step fails its requests, never the engine
                 for seq in self.running + list(self.waiting):
                     self._finish(seq, f"error: {exc}")
-                self.running, self.waiting = [], deque()
+                self.running, self.waiting, self._launched = [], deque(), None
 
     # ----- one scheduler iteration ----------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> bool:
         """Free, admit and prefill, decode. Returns whether work remains."""
+        if self._launched is not None and (self.waiting or not all(overlap_safe(s.params) for s in self.running)):
+            self._collect()  # admissions and penalties need every token read first
         self._release([s for s in self.running if s.cancelled or s.done])
         with self._lock:
             for seq in [s for s in self.waiting if s.cancelled]:
@@ -265,8 +304,10 @@ class Engine:
             self._release([s for s in self.running if s.done])
         if self.running:
             self._decode()
+        elif self._launched is not None:
+            self._collect()
         self._release([s for s in self.running if s.done])
-        return bool(self.running or self.waiting)
+        return bool(self.running or self.waiting or self._launched)
 
     def _release(self, leaving: list[Sequence]) -> None:
         """Remove sequences and move the last running ones into their slots."""
@@ -306,17 +347,56 @@ class Engine:
         n = len(self.running)
         # A compiled step sees a few batch sizes only; the padding rows decode in free slots.
         width = min(1 << (n - 1).bit_length(), self.max_batch_size) if self.compiled else n
-        positions = [len(s.prompt_ids) + len(s.output_ids) - 1 for s in self.running] + [0] * (width - n)
+        # A token still on its way to the host already has its place; a sequence it finishes may
+        # run one step more, whose position is kept inside the cache.
+        positions = [min(len(s.prompt_ids) + len(s.output_ids) + s.inflight, self.max_model_len) - 1
+                     for s in self.running] + [0] * (width - n)
         kv_len = max(positions) + 1
-        starts = torch.tensor(positions, device=self.device)
+        starts = device_tensor(positions, self.device)
         keys = self.cache.begin(slice(0, width), starts, 1, kv_len)
         mask = None
         if keys != kv_len or min(positions) != kv_len - 1:  # hide each row's unused tail
             mask = (torch.arange(keys, device=self.device)[None] <= starts[:, None])[:, None, None, :]
         ids = self.next_tokens[:width, None]
-        with contextlib.nullcontext() if self.compiled else sdpa_kernel(EAGER_DECODE_ATTENTION):
-            logits = self._decode_logits(ids, starts[:, None], mask, self.alpha[:width])
-        self._sample(self.running, slice(0, n), logits[:n])
+        logits = self._decode_logits(ids, starts[:, None], mask, self.alpha[:width])
+        seqs, rows = list(self.running), slice(0, n)
+        if not (self.overlap and all(overlap_safe(s.params) for s in seqs)):
+            self._sample(seqs, rows, logits[:n])
+            return
+        launched = self._launch(seqs, rows, logits[:n])
+        previous, self._launched = self._launched, launched
+        if previous is not None:
+            self._collect(previous)
+
+    def _launch(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> _Launched:
+        """Choose the step's tokens on the device and start copying them to the host."""
+        tokens, logprobs = self._select(seqs, rows, logits)
+        want = self._logprob_results(seqs, tokens, logprobs)
+        for seq in seqs:
+            seq.inflight += 1
+        if tokens.is_cuda:
+            host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            host.copy_(tokens, non_blocking=True)
+            ready = torch.cuda.Event()
+            ready.record()
+            return _Launched(seqs, host, ready, want)
+        return _Launched(seqs, tokens, None, want)
+
+    def _collect(self, launched: _Launched | None = None) -> None:
+        """Read a launched step's tokens (default: the pending one) and advance its sequences."""
+        if launched is None:
+            launched, self._launched = self._launched, None
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        for seq in launched.seqs:
+            seq.inflight -= 1
+        self._accept(launched.seqs, launched.tokens.tolist(), launched.logprobs, skip_done=True)
+
+    def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                     alpha: torch.Tensor) -> torch.Tensor:
+        kernels = self.decode_attention
+        with sdpa_kernel(list(kernels)) if kernels is not None else contextlib.nullcontext():
+            return self._forward_last(ids, positions, mask, alpha)
 
     def _forward_last(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                       alpha: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
@@ -330,6 +410,14 @@ class Engine:
         return self.model.lm_head(hidden)
 
     def _sample(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> None:
+        """Choose one token per row and hand them to their sequences now (the step's one host sync)."""
+        tokens, logprobs = self._select(seqs, rows, logits)
+        want = self._logprob_results(seqs, tokens, logprobs)
+        token_list = tokens.tolist()
+        self.stats.add(rows, token_list)
+        self._accept(seqs, token_list, want)
+
+    def _select(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor):
         params = [s.params for s in seqs]
         constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
         if constrained:
@@ -337,16 +425,28 @@ class Engine:
         want = any(p.logprobs is not None for p in params)
         tokens, logprobs = select_tokens(logits, params, self.stats, rows, [s.generator for s in seqs], want)
         self.next_tokens[rows] = tokens
-        tokens = tokens.tolist()  # the step's one host sync
-        self.stats.add(rows, tokens)
+        return tokens, logprobs
+
+    @staticmethod
+    def _logprob_results(seqs: list[Sequence], tokens: torch.Tensor, logprobs: torch.Tensor | None):
+        """The chosen tokens' log-probabilities and the top alternatives, still on the device."""
+        if logprobs is None:
+            return None
+        logprobs = logprobs.clamp(min=-9999.0)  # finite, as OpenAI reports impossible tokens
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0]
+        k = max(s.params.logprobs or 0 for s in seqs)
+        return chosen, torch.topk(logprobs, k, dim=-1) if k else None
+
+    def _accept(self, seqs: list[Sequence], tokens: list[int], logprobs, skip_done: bool = False) -> None:
         chosen = top = None
-        if want:
-            logprobs = logprobs.clamp(min=-9999.0)  # finite, as OpenAI reports impossible tokens
-            chosen = logprobs.gather(1, torch.tensor(tokens, device=self.device)[:, None])[:, 0].tolist()
-            k = max(p.logprobs or 0 for p in params)
-            top = torch.topk(logprobs, k, dim=-1) if k else None
+        if logprobs is not None:
+            chosen, top = logprobs[0].tolist(), logprobs[1]
+            if top is not None:
+                top = (top.indices.tolist(), top.values.tolist())
         now = time.perf_counter()
         for i, (seq, token) in enumerate(zip(seqs, tokens, strict=True)):
+            if skip_done and seq.done:  # finished while this token was computed: it is dropped
+                continue
             if seq.first_token_time is None:
                 seq.first_token_time = now
             self._advance(seq, token, chosen[i] if chosen else 0.0, top, i)
@@ -363,8 +463,7 @@ class Engine:
         if params.logprobs is not None:
             alts = []
             if top is not None and params.logprobs:
-                alts = list(zip(top.indices[row, : params.logprobs].tolist(),
-                                top.values[row, : params.logprobs].tolist(), strict=True))
+                alts = list(zip(top[0][row][: params.logprobs], top[1][row][: params.logprobs], strict=True))
             seq.logprobs.append((token, logprob, alts))
         text, stopped = cut_text(self.tokenizer.decode(seq.output_ids), params.stop)
         seq.text = text

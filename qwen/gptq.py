@@ -25,6 +25,10 @@ Loading (``AutoModelForCausalLM.from_pretrained(folder, gptq_backend=...)`` afte
 * ``"int8"``: dequantized layer by layer straight into :class:`qwen.quantize.Int8Linear` (one scale
   per output channel), so the blocks take 1 byte per weight and decode faster on a CPU. It adds a
   small rounding error on top of GPTQ's.
+* ``"int4"``: 4-bit folders keep their 4-bit values in :class:`qwen.quantize.Int4Linear` (PyTorch's
+  int4 kernels: tinygemm on CUDA, which computes in bf16), the fastest batch-1 decode on a GPU. Load
+  onto the device the model runs on (``device_map="cuda"``): the packing differs per device. Folders
+  quantized with act-order (desc_act) are refused with a message.
 * ``"gptqmodel"``: transformers' own GPTQ integration with gptqmodel's kernels (the ``quant``
   extra); the default when gptqmodel and optimum are installed, or when the caller passes a
   ``quantization_config`` (transformers' GPTQConfig, as Q-LoRA does).
@@ -53,7 +57,7 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 SUPPORTED_BITS = (2, 4, 8)
-BACKENDS = ("auto", "dequant", "int8", "gptqmodel")
+BACKENDS = ("auto", "dequant", "int8", "int4", "gptqmodel")
 # true_sequential: each step's inputs are taken after the steps before it were quantized.
 SEQUENTIAL_STEPS = (("attn.c_attn",), ("attn.c_proj",), ("mlp.w1", "mlp.w2"), ("mlp.c_proj",))
 HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder", "proxies")
@@ -452,7 +456,6 @@ def load_gptq(cls, path, settings: GPTQSettings, backend: str, kwargs: dict[str,
                 missing.append(f"{key}.{part}")
         if not {"qweight", "qzeros", "scales"} <= parts.keys():
             continue
-        weight = _dequantize_checked(path, key, parts, settings, module, v1)
         bias = None
         if module.bias is not None:
             bias = plain(key + ".bias", module.bias.shape)
@@ -460,8 +463,13 @@ def load_gptq(cls, path, settings: GPTQSettings, backend: str, kwargs: dict[str,
                 continue
         elif key + ".bias" in tensors and bool(tensors.get(key + ".bias").any()):
             raise GPTQError(f"{path}: {key}.bias is non-zero, but this layer has no bias in the Qwen model")
+        parent, _, child = name.rpartition(".")
+        if backend == "int4":
+            new = _int4_checked(path, key, parts, settings, module, v1, bias, dtype)
+            setattr(model.get_submodule(parent) if parent else model, child, new)
+            continue
+        weight = _dequantize_checked(path, key, parts, settings, module, v1)
         if backend == "int8":
-            parent, _, child = name.rpartition(".")
             new = Int8Linear(_linear_from(weight.to(dtype), bias))
             setattr(model.get_submodule(parent) if parent else model, child, new)
         else:
@@ -502,6 +510,34 @@ def load_gptq(cls, path, settings: GPTQSettings, backend: str, kwargs: dict[str,
 def _dequantize_checked(path, key: str, parts: dict[str, torch.Tensor], s: GPTQSettings, module: nn.Linear,
                         v1: bool) -> torch.Tensor:
     """Dequantize one layer after checking every shape against the module, with errors that name the cause."""
+    g_idx = _checked_g_idx(path, key, parts, s, module)
+    return dequantize(parts["qweight"], parts["qzeros"], parts["scales"], g_idx, s.bits, v1=v1)
+
+
+def _int4_checked(path, key: str, parts: dict[str, torch.Tensor], s: GPTQSettings, module: nn.Linear, v1: bool,
+                  bias: torch.Tensor | None, dtype: torch.dtype):
+    """One 4-bit layer as an :class:`~qwen.quantize.Int4Linear` (its 4-bit values kept), after the checks
+    of ``_dequantize_checked``; only for layers whose groups are consecutive input channels."""
+    from .quantize import Int4Linear
+
+    g_idx = _checked_g_idx(path, key, parts, s, module)
+    in_f = module.in_features
+    groups = parts["scales"].shape[0]
+    if s.bits != 4 or in_f % groups or not torch.equal(
+        g_idx.long().cpu(), torch.arange(in_f) // (in_f // groups)
+    ):
+        raise GPTQError(
+            f"{path}: gptq_backend='int4' keeps 4-bit layers whose groups are runs of input channels; {key} is "
+            f"{s.bits}-bit{' with act-order (desc_act) groups' if s.bits == 4 else ''}. "
+            "Use gptq_backend='int8' or 'dequant' for this folder."
+        )
+    q = unpack(parts["qweight"], 4, 0).t().to(torch.uint8).contiguous()  # [out, in]
+    zeros = unpack(parts["qzeros"], 4, 1)[:, : module.out_features] + (1 if v1 else 0)
+    return Int4Linear(q, parts["scales"].float().t(), zeros.float().t(), bias, dtype)
+
+
+def _checked_g_idx(path, key: str, parts: dict[str, torch.Tensor], s: GPTQSettings, module: nn.Linear) -> torch.Tensor:
+    """Check one packed layer's shapes against the module (errors name the cause); returns its g_idx."""
     out_f, in_f = module.out_features, module.in_features
     per = 32 // s.bits
     groups = 1 if s.group_size == -1 else math.ceil(in_f / s.group_size)
@@ -524,7 +560,7 @@ def _dequantize_checked(path, key: str, parts: dict[str, torch.Tensor], s: GPTQS
         logger.warning("%s: %s has %d groups, group_size %d implies %d", path, key, n_groups, s.group_size, groups)
     if tuple(g_idx.shape) != (in_f,) or int(g_idx.min()) < 0 or int(g_idx.max()) >= n_groups:
         raise GPTQError(f"{path}: {key}.g_idx must hold {in_f} group numbers in 0..{n_groups - 1}")
-    return dequantize(qweight, qzeros, scales, g_idx, s.bits, v1=v1)
+    return g_idx
 
 
 # ----- the GPTQ algorithm -------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -117,6 +118,40 @@ def window_mask(
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+@dataclass(frozen=True)
+class Window:
+    """A sliding window for a kernel that applies it itself (flash-attn's ``window_size``, a
+    FlexAttention block mask) instead of a dense mask: a query at position p sees keys at positions
+    (p - size, p]. ``q_pos`` [B, q], ``k_pos`` [B, kv], ``key_valid`` [B, kv] or None (all keys real)."""
+
+    size: int
+    q_pos: torch.Tensor
+    k_pos: torch.Tensor
+    key_valid: torch.Tensor | None
+
+    def mask_mod(self):
+        """The window as FlexAttention's mask function (a plain function of its four indices)."""
+        size, q_pos, k_pos, key_valid = self.size, self.q_pos, self.k_pos, self.key_valid
+
+        def allows(b, h, q_idx, kv_idx):
+            q, k = q_pos[b, q_idx], k_pos[b, kv_idx]
+            ok = (k <= q) & (k > q - size)
+            return ok & key_valid[b, kv_idx] if key_valid is not None else ok
+
+        return allows
+
+
+def window_by_kernel(implementation: str, device: torch.device, q_len: int) -> bool:
+    """Whether windowed layers hand their window to the attention kernel rather than a dense mask (which
+    computes every masked-out score too): for a prefill (a decode's one query costs the same either
+    way) with ``attn_implementation="flex_attention"``, or on CUDA where flash-attn is installed.
+    FlexAttention compiles a kernel on first use, so plain SDPA stays the default until
+    bench/gpu_profile.py's window rows have been measured on a GPU."""
+    if q_len == 1 or implementation == "eager":
+        return False
+    return implementation == "flex_attention" or (device.type == "cuda" and _flash_attn_func() is not None)
+
+
 def layer_window_masks(
     windows: list[int | None],
     mask: torch.Tensor | None,
@@ -124,19 +159,45 @@ def layer_window_masks(
     q_pos: torch.Tensor,
     past_len: int,
     kv_len: int,
-) -> dict[int | None, torch.Tensor | None]:
-    """The mask of each distinct window (None: full attention keeps ``mask``)."""
-    masks = {None: mask}
+    by_kernel: bool = False,
+) -> dict[int | None, tuple[torch.Tensor | None, Window | None]]:
+    """The (mask, kernel window) of each distinct window (None: full attention keeps ``mask``).
+    With ``by_kernel`` a windowed layer keeps ``mask`` and gets a ``Window`` for its kernel; else a
+    dense mask with the window applied."""
+    masks: dict[int | None, tuple[torch.Tensor | None, Window | None]] = {None: (mask, None)}
     if not any(windows):
         return masks
     device = q_pos.device
+    k_pos = key_valid.long().cumsum(-1) - 1 if key_valid is not None else torch.arange(kv_len, device=device)[None]
+    if by_kernel:
+        valid = key_valid.bool() if key_valid is not None else None
+        for w in set(windows) - {None}:
+            masks[w] = (mask, Window(w, q_pos, k_pos.expand(q_pos.shape[0], -1), valid))
+        return masks
     if mask is None:  # plain causal over the cache
         causal = torch.arange(kv_len, device=device) <= torch.arange(past_len, kv_len, device=device)[:, None]
         mask = causal[None, None]
-    k_pos = key_valid.long().cumsum(-1) - 1 if key_valid is not None else torch.arange(kv_len, device=device)[None]
     for w in set(windows) - {None}:
-        masks[w] = window_mask(mask, q_pos, k_pos, w)
+        masks[w] = (window_mask(mask, q_pos, k_pos, w), None)
     return masks
+
+
+@functools.cache
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=True)
+
+
+def flex_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: Window) -> torch.Tensor:
+    """Attention over [B, heads, T, D] under ``window`` with FlexAttention, which skips the blocks the
+    window masks out entirely: a long prompt costs O(T x window) rather than O(T^2). Compiled on
+    CUDA (its fast kernel); on the CPU its reference implementation (what tests check it with)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    block_mask = create_block_mask(window.mask_mod(), q.shape[0], None, q.shape[2], k.shape[2], device=q.device)
+    flex = _compiled_flex_attention() if q.is_cuda else flex_attention
+    return flex(q, k, v, block_mask=block_mask)
 
 
 @functools.cache
@@ -158,12 +219,15 @@ def attend(
     implementation: str,
     dropout: float = 0.0,
     softmax_in_fp32: bool = False,
+    window: Window | None = None,
 ) -> torch.Tensor:
     """Scaled dot-product attention over [B, heads, T, D]; the one attention function of the package.
 
-    ``implementation`` is transformers' name: "eager", "sdpa" (default) or "flash_attention_2".
-    flash-attn is used for fp16/bf16 CUDA tensors without padding whenever it is importable and
-    the implementation is not "eager"; everything else runs PyTorch SDPA.
+    ``implementation`` is transformers' name: "eager", "sdpa" (default), "flash_attention_2" or
+    "flex_attention". flash-attn is used for fp16/bf16 CUDA tensors without padding whenever it is
+    importable and the implementation is not "eager"; everything else runs PyTorch SDPA. A
+    ``window`` (see ``window_by_kernel``) goes to flash-attn's ``window_size`` where flash-attn
+    runs, else to FlexAttention; ``mask`` then holds only the padding.
     """
     causal = mask is None and q.shape[2] > 1
     if implementation == "eager":
@@ -177,12 +241,23 @@ def attend(
         return torch.matmul(probs, v)
     # A compiled graph (the engine's decode step) keeps to SDPA, which torch.compile traces.
     half_cuda = q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and not torch.compiler.is_compiling()
-    flash = _flash_attn_func() if half_cuda else None
+    flash = _flash_attn_func() if half_cuda and implementation != "flex_attention" else None
     if flash is not None and mask is None:
-        # flash-attn aligns the causal diagonal bottom-right, which is right for a KV cache.
-        out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout, causal=causal)
-        return out.transpose(1, 2)
+        return flash_attention(flash, q, k, v, dropout, causal, window.size if window is not None else None)
+    if window is not None:
+        return flex_window_attention(q, k, v, window)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
+def flash_attention(flash, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout: float, causal: bool,
+                    window: int | None) -> torch.Tensor:
+    """flash-attn's ``flash_attn_func`` on [B, heads, T, D] tensors (it takes [B, T, heads, D]). It
+    aligns the causal diagonal bottom-right, which is right for a KV cache; a window of w keys is its
+    ``window_size=(w - 1, 0)``: the query's own key and the w - 1 before it."""
+    extra = {"window_size": (window - 1, 0)} if window is not None else {}
+    out = flash(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), dropout_p=dropout,
+                causal=causal or window is not None, **extra)
+    return out.transpose(1, 2)
 
 
 class QWenAttention(nn.Module):
@@ -202,6 +277,7 @@ class QWenAttention(nn.Module):
         logn: torch.Tensor | None,
         mask: torch.Tensor | None,
         cache: Cache | None,
+        window: Window | None = None,
     ) -> torch.Tensor:
         bsz, q_len, hidden = x.shape
         q, k, v = (
@@ -223,6 +299,7 @@ class QWenAttention(nn.Module):
             implementation=self.config._attn_implementation or "sdpa",
             dropout=self.config.attn_dropout_prob if self.training else 0.0,
             softmax_in_fp32=self.config.softmax_in_fp32,
+            window=window,
         )
         return self.c_proj(out.transpose(1, 2).reshape(bsz, q_len, hidden))
 
@@ -234,10 +311,28 @@ class QWenMLP(nn.Module):
         self.w1 = nn.Linear(config.hidden_size, half, bias=not config.no_bias)
         self.w2 = nn.Linear(config.hidden_size, half, bias=not config.no_bias)
         self.c_proj = nn.Linear(half, config.hidden_size, bias=not config.no_bias)
+        self.w12: nn.Linear | None = None  # w1 and w2 stacked, after fuse_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # w2 is the gate, w1 the up projection.
-        return self.c_proj(self.w1(x) * F.silu(self.w2(x)))
+        up, gate = self.w12(x).chunk(2, dim=-1) if self.w12 is not None else (self.w1(x), self.w2(x))
+        return self.c_proj(up * F.silu(gate))
+
+    def fuse_(self) -> None:
+        """Replace w1 and w2 by one Linear of both weights: one matmul (one kernel, one pass over the
+        input) instead of two. For inference: the module's weight names no longer match a checkpoint's."""
+        if self.w12 is not None:
+            return
+        w1, w2 = self.w1, self.w2
+        fused = nn.Linear(w1.in_features, w1.out_features + w2.out_features, bias=w1.bias is not None,
+                          device=w1.weight.device, dtype=w1.weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(torch.cat([w1.weight, w2.weight]))
+            if fused.bias is not None:
+                fused.bias.copy_(torch.cat([w1.bias, w2.bias]))
+        fused.requires_grad_(w1.weight.requires_grad)
+        del self.w1, self.w2
+        self.w12 = fused
 
 
 class QWenBlock(GradientCheckpointingLayer):
@@ -255,8 +350,9 @@ class QWenBlock(GradientCheckpointingLayer):
         logn: torch.Tensor | None = None,
         mask: torch.Tensor | None = None,
         cache: Cache | None = None,
+        window: Window | None = None,
     ) -> torch.Tensor:
-        h = h + self.attn(self.ln_1(h), rotary, logn, mask, cache)
+        h = h + self.attn(self.ln_1(h), rotary, logn, mask, cache, window)
         return h + self.mlp(self.ln_2(h))
 
 
@@ -271,6 +367,7 @@ class QWenPreTrainedModel(PreTrainedModel):
     _no_split_modules = ["QWenBlock"]
     _supports_sdpa = True
     _supports_flash_attn = True
+    _supports_flex_attn = True
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -386,11 +483,13 @@ class QWenModel(QWenPreTrainedModel):
             mask = build_attention_mask(key_valid, q_len, past_len, h.device)
 
         windows = self.config.layer_windows()
-        layer_masks = layer_window_masks(windows, mask, key_valid, position_ids, past_len, kv_len)
+        by_kernel = window_by_kernel(self.config._attn_implementation or "sdpa", h.device, q_len)
+        layer_masks = layer_window_masks(windows, mask, key_valid, position_ids, past_len, kv_len, by_kernel)
 
         h = self.drop(h)
         for block, window in zip(self.h, windows, strict=True):
-            h = block(h, rotary, logn, layer_masks[window], cache)
+            layer_mask, kernel_window = layer_masks[window]
+            h = block(h, rotary, logn, layer_mask, cache, kernel_window)
         return BaseModelOutputWithPast(last_hidden_state=self.ln_f(h), cache=cache)
 
     def _ntk_alpha(self, override, key_valid, cache, past_len, kv_len, bsz, device) -> torch.Tensor:
@@ -426,6 +525,16 @@ class QWenLMHeadModel(QWenPreTrainedModel, GenerationMixin):
 
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
+
+    def fuse_weights_(self) -> QWenLMHeadModel:
+        """Fuse each MLP's w1 and w2 into one matmul (see ``QWenMLP.fuse_``), in place, for inference:
+        a decode step then launches one kernel and reads one weight less per layer. Do it before
+        ``quantize_int8_``/``quantize_int4_``; a fused model cannot be saved as an original checkpoint."""
+        for block in self.transformer.h:
+            if not isinstance(block.mlp.w1, nn.Linear) or not isinstance(block.mlp.w2, nn.Linear):
+                raise ValueError("fuse the weights before quantizing them (w1/w2 are no longer nn.Linear)")
+            block.mlp.fuse_()
+        return self
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value

@@ -117,8 +117,18 @@ def argmax_rows(x: torch.Tensor) -> torch.Tensor:
     return first * block + blocks[torch.arange(n, device=x.device), first].argmax(dim=-1)
 
 
+def device_tensor(values: list, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``torch.tensor(values, device=device)`` without waiting for the GPU: a plain copy from the
+    host to CUDA synchronises the stream, which would stall the engine's overlapped decode steps;
+    a copy from pinned memory is queued behind the work already there."""
+    host = torch.tensor(values, dtype=dtype)
+    if torch.device(device).type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
+
 def _column(values: list[float], logits: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.float32, device=logits.device)[:, None]
+    return device_tensor(values, logits.device, torch.float32)[:, None]
 
 
 def _add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
@@ -126,8 +136,8 @@ def _add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
     entries = [(row, token, value) for row, p in enumerate(params) for token, value in (p.logit_bias or {}).items()]
     if entries:
         rows, tokens, values = zip(*entries, strict=True)
-        index = (torch.tensor(rows, device=logits.device), torch.tensor(tokens, device=logits.device))
-        logits.index_put_(index, torch.tensor(values, dtype=logits.dtype, device=logits.device), accumulate=True)
+        index = (device_tensor(rows, logits.device), device_tensor(tokens, logits.device))
+        logits.index_put_(index, device_tensor(values, logits.device, logits.dtype), accumulate=True)
 
 
 def select_tokens(
@@ -162,14 +172,14 @@ def select_tokens(
     logprobs = torch.log_softmax(logits, dim=-1) if want_logprobs else None
     if not sampled:
         return greedy_tokens, logprobs
-    picked_rows = torch.tensor(sampled, device=logits.device)
+    picked_rows = device_tensor(sampled, logits.device)
     sub = logits[picked_rows]
     top_k = [params[i].top_k for i in sampled]
     top_p = [params[i].top_p for i in sampled]
     if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p):
         sorted_logits, order = sub.sort(dim=-1, descending=True)
         ranks = torch.arange(sub.shape[-1], device=sub.device)[None]
-        k = torch.tensor([min(k, sub.shape[-1]) or sub.shape[-1] for k in top_k], device=sub.device)[:, None]
+        k = device_tensor([min(k, sub.shape[-1]) or sub.shape[-1] for k in top_k], sub.device)[:, None]
         drop = ranks >= k
         probs = sorted_logits.masked_fill(drop, float("-inf")).softmax(dim=-1)
         # Keep the smallest prefix whose mass reaches top_p (always at least the first token).

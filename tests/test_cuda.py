@@ -1,6 +1,7 @@
 """The CUDA paths, checked whenever a GPU is present (skipped elsewhere): the model in fp32/bf16/fp16,
-the engine and its compiled decode step (CUDA graphs), window attention and the int8 KV cache under
-CUDA's SDPA kernels, and flash-attn when it is installed.
+the engine (overlapped steps) and its compiled decode step (CUDA graphs), fused weights, window
+attention (FlexAttention) and the int8 KV cache under CUDA's SDPA kernels, the int8 (Triton) and int4
+(tinygemm) weight kernels, and flash-attn when it is installed.
 
     pytest tests/test_cuda.py      # on a machine with a GPU
 """
@@ -12,8 +13,10 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
+from qwen import triton_int8
 from qwen.engine import Engine
 from qwen.modeling import _flash_attn_func, attend
+from qwen.quantize import Int4Linear, Int8Linear, quantize_int4_, quantize_int8_, quantize_rows
 from qwen.sampling import SamplingParams
 from qwen.tiny import make_tiny_checkpoint
 
@@ -104,8 +107,9 @@ def test_compiled_decode_step_with_cuda_graphs(sharp, tokenizer, prompts, dtype)
         assert same >= 0.8 * sum(MAX_NEW)
 
 
-def test_window_attention_on_cuda_matches_cpu(sharp, tokenizer, prompts):
-    windows = dict(use_window_attn=True, window_size=[None, 8])
+@pytest.mark.parametrize("implementation", ["sdpa", "flex_attention"])
+def test_window_attention_on_cuda_matches_cpu(sharp, tokenizer, prompts, implementation):
+    windows = dict(use_window_attn=True, window_size=[None, 8], attn_implementation=implementation)
     cpu, gpu = load(sharp, torch.float32, "cpu", **windows), load(sharp, torch.float32, **windows)
     ids = prompts[2] + prompts[1] + prompts[2]
     ref, got = logits(cpu, ids), logits(gpu, ids)
@@ -124,3 +128,55 @@ def test_flash_attn_matches_eager_attention(dtype):
         ref = attend(q.float(), k.float(), v.float(), None, implementation="eager")
         got = attend(q, k, v, None, implementation="flash_attention_2")
         assert (ref - got.float()).abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_triton_int8_kernel_equals_the_dequantized_matmul(dtype):
+    """qwen's Triton int8 kernel (decoding with --int8 on CUDA) over odd shapes and 1..16 rows."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for rows, n, k in [(1, 2048, 5504), (3, 100, 300), (16, 6144, 2048), (8, 151936, 64), (2, 17, 1000)]:
+        q, scales = quantize_rows(torch.randn(n, k, generator=g, device="cuda"))
+        x = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
+        ref = x.double() @ (q.double() * scales.double()[:, None]).t()
+        got = torch.ops.qwen.int8_matmul_cuda(x, q, scales.to(dtype))
+        assert not triton_int8._broken  # the kernel ran, not the fallback
+        assert got.dtype == dtype
+        assert (got.double() - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2) * ref.abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_weights_on_cuda_decode_as_their_dequantized_model(sharp, tokenizer, prompts, bits):
+    """--int8 (Triton kernel) and --int4 (tinygemm) layers on CUDA equal their dequantized weights'
+    matmul, the model's logits stay close to fp32, and the engine decodes as model.generate does."""
+    model = load(sharp, torch.bfloat16).fuse_weights_()
+    quantize_int8_(model) if bits == 8 else quantize_int4_(model, group_size=32)
+    kind = Int8Linear if bits == 8 else Int4Linear
+    assert isinstance(model.transformer.h[0].mlp.w12, kind)
+    dense = load(sharp, torch.float32)
+    with torch.no_grad():
+        for layer_name in ("attn.c_attn", "attn.c_proj", "mlp.c_proj"):
+            layer = model.transformer.h[0].get_submodule(layer_name)
+            x = torch.randn(3, layer.in_features, device="cuda", dtype=torch.bfloat16)
+            ref = F.linear(x.float(), dequantized(layer))
+            assert (layer(x).float() - ref).abs().max() < 2e-2 * ref.abs().max()
+    ids = prompts[1] + prompts[3]
+    assert F.cosine_similarity(logits(model, ids), logits(dense, ids), dim=-1).min() > (0.99 if bits == 8 else 0.9)
+    expected = [generate_tokens(model, p, n) for p, n in zip(prompts, MAX_NEW, strict=True)]
+    assert engine_tokens(model, tokenizer, prompts, batch=1) == expected
+
+
+def dequantized(layer) -> torch.Tensor:
+    """The fp32 weight a quantized layer stands for (int4: through its own kernel on the identity)."""
+    if isinstance(layer, Int8Linear):
+        return layer.weight.float() * layer.scales.float()[:, None]
+    eye = torch.eye(layer.in_features, device="cuda", dtype=torch.bfloat16)
+    bias = layer.bias.float() if layer.bias is not None else 0
+    return (layer(eye).float() - bias).t()
+
+
+def test_fused_weights_compiled_engine_on_cuda(sharp, tokenizer, prompts):
+    """The server's GPU setup (fused w1/w2, compiled step, overlapped steps) in fp32 replays the eager
+    unfused engine's tokens."""
+    model = load(sharp, torch.float32)
+    expected = engine_tokens(model, tokenizer, prompts)
+    assert engine_tokens(model.fuse_weights_(), tokenizer, prompts, compile=True) == expected

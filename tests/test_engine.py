@@ -93,9 +93,9 @@ def sharp_refs(sharp, prompts) -> list[list[int]]:
     return [reference(sharp, p, N) for p in prompts]
 
 
-@pytest.fixture
-def started(tiny_model, tokenizer):
-    engine = Engine(tiny_model, tokenizer, max_batch_size=4).start()
+@pytest.fixture(params=[False, True], ids=["sync", "overlap"])
+def started(request, tiny_model, tokenizer):
+    engine = Engine(tiny_model, tokenizer, max_batch_size=4, overlap=request.param).start()
     thread = engine._thread
     yield engine
     engine.stop()
@@ -252,6 +252,46 @@ def test_streamed_deltas_without_stop_add_up(tiny_model, tokenizer, prompts):
 
 
 # ----- max_model_len ------------------------------------------------------------------------------
+
+
+def test_overlapped_steps_equal_synchronous_ones(tiny_model, tokenizer, prompts, refs):
+    """Decoding one step ahead of the host (the CUDA default) changes nothing a request sees: lengths,
+    stop tokens and strings, seeded sampling with logprobs, the context limit, admissions into a full
+    batch, and a penalised request whose steps must run synchronously, all as without overlap."""
+    stop_token = refs[1][3]
+    stop_text = "".join(tokenizer.decode(refs[2][:5])[-2:])
+    work = [
+        (prompts[0], greedy(MAX_NEW[0])),
+        (prompts[1], greedy(N, stop_token_ids=[stop_token])),
+        (prompts[5], greedy(3, repetition_penalty=1.3)),
+        (prompts[2], greedy(N, stop=[stop_text])),
+        (prompts[3], sampled(5, 9, logprobs=2)),
+        ((prompts[2] + prompts[1])[:20], greedy(100)),  # stops at max_model_len
+        (prompts[4], greedy(MAX_NEW[4])),
+    ]
+
+    def run(overlap: bool, batch: int) -> tuple[list[tuple], int]:
+        engine = Engine(tiny_model, tokenizer, max_batch_size=batch, max_model_len=24, overlap=overlap)
+        seqs = [engine.submit(p, params) for p, params in work]
+        ahead = 0
+        while engine.step():
+            ahead += engine._launched is not None
+        return [(s.output_ids, s.text, s.finish_reason, s.logprobs) for s in seqs], ahead
+
+    for batch in (2, 8):
+        expected, ahead = run(False, batch)
+        assert ahead == 0
+        got, ahead = run(True, batch)
+        assert ahead > 0  # steps really ran ahead of the host
+        # A finished request decodes one step more, so batches differ and logprobs may round differently.
+        assert [g[:3] for g in got] == [e[:3] for e in expected]
+        for g, e in zip(got, expected, strict=True):
+            ids = [[(t, [a for a, _ in alts]) for t, _, alts in seq[3]] for seq in (g, e)]
+            values = [[v for _, lp, alts in seq[3] for v in [lp, *(x for _, x in alts)]] for seq in (g, e)]
+            assert ids[0] == ids[1] and values[0] == pytest.approx(values[1], abs=1e-4)
+    assert expected[0][0] == refs[0][: MAX_NEW[0]] and expected[6][0] == refs[4][: MAX_NEW[4]]
+    assert expected[1][2] == "stop" and expected[1][0] == refs[1][:3]
+    assert expected[3][2] == "stop" and expected[5][2] == "length" and len(expected[5][0]) == 4
 
 
 def test_max_model_len(tiny_model, tokenizer, prompts):
@@ -661,10 +701,25 @@ def test_slot_cache_grows_past_initial_capacity(tiny_model, tokenizer, prompts, 
 # ----- the compiled decode step ------------------------------------------------------------------
 
 
+def test_fused_weights_change_nothing(tiny_model, prompts):
+    """fuse_weights_ (one matmul for w1 and w2) computes the same logits; quantizing afterwards works,
+    fusing quantized layers is refused with the fix."""
+    fused = copy.deepcopy(tiny_model).fuse_weights_()
+    mlp = fused.transformer.h[0].mlp
+    assert not hasattr(mlp, "w1") and mlp.w12.out_features == 2 * tiny_model.transformer.h[0].mlp.w1.out_features
+    x = torch.tensor([prompts[1], prompts[2][: len(prompts[1])]])
+    with torch.no_grad():
+        assert (fused(x).logits - tiny_model(x).logits).abs().max() < 1e-5
+        assert isinstance(quantize_int8_(fused).transformer.h[0].mlp.w12, Int8Linear)
+    with pytest.raises(ValueError, match="fuse the weights before quantizing"):
+        quantize_int8_(copy.deepcopy(tiny_model)).fuse_weights_()
+
+
 def test_compiled_decode_step_matches_eager_with_few_graphs(tmp_path, tokenizer, prompts):
     """torch.compile'd decode (batch padded to a power of two, attention over a power-of-two number
     of keys) gives the eager engine's tokens, on a sensitive model with a full and a windowed layer,
-    and compiles a few graphs in all rather than one per step."""
+    and compiles a few graphs in all rather than one per step. It runs as on a GPU: fused MLP weights
+    and steps overlapped with the host's work."""
     path = make_tiny_checkpoint(tmp_path, initializer_range=0.3, seed=1)
     model = AutoModelForCausalLM.from_pretrained(path, use_window_attn=True, window_size=[None, 8]).eval()
     long = tokenizer.encode(" ".join(f"word{i}" for i in range(200)))[:250]  # its decode crosses 256 keys
@@ -672,7 +727,7 @@ def test_compiled_decode_step_matches_eager_with_few_graphs(tmp_path, tokenizer,
     expected = [s.output_ids for s in Engine(model, tokenizer, max_batch_size=4).generate(work, params)]
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    engine = Engine(model, tokenizer, max_batch_size=4, compile=True)
+    engine = Engine(copy.deepcopy(model).fuse_weights_(), tokenizer, max_batch_size=4, compile=True, overlap=True)
     engine.warm_up()
     # Batch 1 or any batch, times the initial or any key length.
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]

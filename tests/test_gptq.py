@@ -29,7 +29,7 @@ from qwen.gptq import (
     unpack,
 )
 from qwen.modeling import QWenLMHeadModel, QWenModel
-from qwen.quantize import Int8Linear
+from qwen.quantize import Int4Linear, Int8Linear
 from qwen.tiny import make_tiny_checkpoint, original_config, weight_shapes
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -302,6 +302,26 @@ def test_int8_backend(quantized, reference):
     weight_bytes = sum(b.numel() * b.element_size() for n, b in model.named_buffers() if n.endswith(".weight"))
     assert weight_bytes == sum(m.weight.numel() for b in dequant.transformer.h for m in b.modules()
                                if isinstance(m, torch.nn.Linear))
+
+
+def test_int4_backend_keeps_the_4_bit_values(quantized, reference, tmp_path):
+    """gptq_backend="int4" runs the folder's own 4-bit values through PyTorch's int4 kernel (the CPU one
+    here, tinygemm on CUDA): the same weights as dequantizing, in half a byte each."""
+    _, ids, _ = reference
+    dequant = AutoModelForCausalLM.from_pretrained(quantized[4], gptq_backend="dequant", dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(quantized[4], gptq_backend="int4", dtype=torch.float32)
+    for block in model.transformer.h:
+        for name in BLOCK_LINEARS:
+            assert isinstance(block.get_submodule(name), Int4Linear)
+    logits, _ = logits_and_ppl(model, ids)
+    dq_logits, _ = logits_and_ppl(dequant, ids)
+    assert (logits - dq_logits).norm() / dq_logits.norm() < 1e-4
+    packed = sum(m.packed.numel() * m.packed.element_size() for m in model.modules() if isinstance(m, Int4Linear))
+    assert packed == sum(m.weight.numel() for b in dequant.transformer.h for m in b.modules()
+                         if isinstance(m, torch.nn.Linear)) // 2
+    write_gptq_folder(tmp_path / "act", 4, desc_act=True, shards=1)
+    with pytest.raises(GPTQError, match=r"act-order.*gptq_backend='int8' or 'dequant'"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "act", gptq_backend="int4", dtype=torch.float32)
 
 
 def test_load_options(quantized):

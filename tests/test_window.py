@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM
 from qwen.config import QWenConfig, window_schedule
 from qwen.convert import to_qwen2
 from qwen.engine import Engine
+from qwen.modeling import Window, flash_attention, flex_window_attention
 from qwen.sampling import SamplingParams
 from qwen.tiny import make_tiny_checkpoint
 
@@ -109,3 +110,47 @@ def test_engine_matches_generate_and_keeps_windowed_memory_flat(folder, tokenize
     # The full-attention layer grows with the sequence (past the initial 256 here).
     engine.generate([ids(300, seed=9)[0].tolist()], SamplingParams(max_new_tokens=2, do_sample=False))
     assert [layer["k"].shape[2] for layer in engine.cache.layers] == [512, 8, 5]
+
+
+@torch.no_grad()  # FlexAttention has no backward on the CPU
+def test_flex_attention_window_equals_the_dense_mask(folder):
+    """FlexAttention (the CUDA path for windowed prefills) with the window as a block mask computes what
+    the dense masked SDPA does, for one window per layer and mixed layers, with left padding too, and
+    equals Qwen2's sliding window; the generated tokens are the same."""
+    windows = dict(use_window_attn=True, window_size=[None, 7, 5])
+    dense, flex = load(folder, **windows), load(folder, **windows, attn_implementation="flex_attention")
+    assert flex.config._attn_implementation == "flex_attention"
+    x = torch.cat([ids(150, seed=4), ids(150, seed=5)])  # past one 128-token block
+    ref = dense(x).logits
+    assert (flex(x).logits - ref).abs().max() < 1e-4
+    same = dict(use_window_attn=True, window_size=[None, 7, 7])  # Qwen2 has one window size
+    assert (load(folder, **same, attn_implementation="flex_attention")(x).logits
+            - to_qwen2(load(folder, **same))(x).logits).abs().max() < 1e-4
+    padded = torch.ones_like(x)
+    padded[1, :37] = 0  # row 1 is left-padded
+    ours, theirs = flex(x, attention_mask=padded).logits, dense(x, attention_mask=padded).logits
+    assert (ours[0] - theirs[0]).abs().max() < 1e-4 and (ours[1, 37:] - theirs[1, 37:]).abs().max() < 1e-4
+    kwargs = dict(max_new_tokens=8, do_sample=False, repetition_penalty=1.0, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(flex.generate(x[:, :40], **kwargs), dense.generate(x[:, :40], **kwargs))
+
+
+def test_flash_attn_gets_the_window_as_window_size():
+    """flash-attn (CUDA only) takes [B, T, heads, D] and a window of w keys as window_size=(w - 1, 0);
+    checked here with a stand-in that records the call and computes the same windowed attention."""
+    calls = []
+
+    def flash(q, k, v, dropout_p, causal, window_size=(-1, -1)):
+        calls.append((q.shape, causal, window_size, dropout_p))
+        left = window_size[0]
+        t = q.shape[1]
+        allowed = torch.ones(t, t, dtype=torch.bool).tril() & ~torch.ones(t, t, dtype=torch.bool).tril(-left - 1)
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=allowed)
+        return out.transpose(1, 2)
+
+    q, k, v = (torch.randn(2, 4, 20, 16, generator=torch.Generator().manual_seed(i)) for i in range(3))
+    got = flash_attention(flash, q, k, v, 0.0, True, 5)
+    assert calls == [(torch.Size([2, 20, 4, 16]), True, (4, 0), 0.0)]
+    pos = torch.arange(20)
+    window = Window(5, pos[None].expand(2, -1), pos[None].expand(2, -1), None)
+    assert (got - flex_window_attention(q, k, v, window)).abs().max() < 1e-5
