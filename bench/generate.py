@@ -34,6 +34,7 @@ from peak_rss import PeakRSS  # bench/peak_rss.py (the script's folder is on sys
 import qwen  # noqa: F401
 from qwen.config import QWenConfig
 from qwen.convert import to_qwen2
+from qwen.cpu_kernels import use_cpu_kernels_
 from qwen.engine import Engine
 from qwen.modeling import QWenLMHeadModel
 from qwen.quantize import quantize_int8_, qwen_int8_kernel
@@ -154,6 +155,8 @@ def build_model(shape: str, dtype: torch.dtype, tmp: str, device: torch.device) 
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.normal_(1.0 if "ln" in name else 0.0, 0.1 if "ln" in name else 0.02)
+    if device.type == "cpu" and dtype == torch.bfloat16:
+        use_cpu_kernels_(model)  # as from_pretrained does for a bf16 model on the CPU
     return model.eval()
 
 

@@ -161,8 +161,8 @@ def graph_time_us(fn, calls: int = 20, replays: int = 10) -> float:
 
 def weight_formats(n: int, k: int) -> dict:
     """name -> (function of the activations, weight bytes it reads) for one n x k layer."""
+    from qwen.quantization.triton_int8 import int8_matmul
     from qwen.quantize import Int4Linear, quantize_rows
-    from qwen.triton_int8 import int8_matmul
 
     linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     w = linear.weight.detach()

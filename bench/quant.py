@@ -5,18 +5,18 @@
 
 Rows: fp32; bf16; int8 weight-only (round-to-nearest per output channel, every Linear incl. lm_head,
 ``quantize_int8_``); int4 weight-only (``quantize_int4_``: groups of 128, blocks only); GPTQ int8
-and int4 folders written by run_gptq's code (qwen.gptq) and loaded with the ``dequant`` backend (bf16
-weights), the ``int8`` backend (Int8Linear blocks, lm_head bf16 as stored) and, for int4, the ``int4``
-backend (Int4Linear blocks). Each row runs in a fresh child process so its peak memory is its own: "peak RSS"
-is the highest resident memory (sampled from /proc/self/statm every 2 ms) above the child's
-baseline after imports, over loading, a held-out forward and a short generation. Decode tokens/s
-is greedy, batch 1, ``model.generate``, measured as extra tokens over extra time (1 + N tokens minus
-1 token, same prompt), with every row loaded in one process and timed in turn over a few rounds
-(best kept), so a busy machine slows all rows alike. Perplexity, KL and top-1 agreement are against
-the fp32 model on held-out text; the model is random (nothing is trained), so perplexity itself is
-near the vocabulary size and only the relative numbers mean something. A second table gives the KV
-cache per token with and without the int8 cache (``use_cache_quantization``), a third the sizes the
-same formats take for the released shapes.
+and int4 folders written by run_gptq's code (qwen.quantization.gptq_quantizer) and loaded with the
+``dequant`` backend (bf16 weights), the ``int8`` backend (Int8Linear blocks, lm_head bf16 as stored)
+and, for int4, the ``int4`` backend (Int4Linear blocks). Each row runs in a fresh child process so
+its peak memory is its own: "peak RSS" is the highest resident memory (sampled from /proc/self/statm
+every 2 ms) above the child's baseline after imports, over loading, a held-out forward and a short
+generation. Decode tokens/s is greedy, batch 1, ``model.generate``, measured as extra tokens over
+extra time (1 + N tokens minus 1 token, same prompt), with every row loaded in one process and timed
+in turn over a few rounds (best kept), so a busy machine slows all rows alike. Perplexity, KL and
+top-1 agreement are against the fp32 model on held-out text; the model is random (nothing is
+trained), so perplexity itself is near the vocabulary size and only the relative numbers mean
+something. A second table gives the KV cache per token with and without the int8 cache
+(``use_cache_quantization``), a third the sizes the same formats take for the released shapes.
 """
 
 from __future__ import annotations
@@ -193,7 +193,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import qwen  # noqa: F401
-    from qwen.gptq import quantize_folder
+    from qwen.quantization.gptq_quantizer import quantize_folder
     from qwen.tiny import make_tiny_checkpoint
 
     intermediate = args.intermediate or int(5.5 * args.hidden) // 256 * 256

@@ -105,3 +105,13 @@ def window_schedule(num_layers: int, min_size: int, max_size: int) -> list[int]:
     if num_layers == 1:
         return [max_size]
     return [round(min_size + (max_size - min_size) * i / (num_layers - 1)) for i in range(num_layers)]
+
+
+def default_dtype() -> torch.dtype:
+    """The original's automatic choice: bf16 where CUDA supports it, else fp16 on CUDA cc>=7, else fp32."""
+    if torch.cuda.is_available():
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if torch.cuda.get_device_capability()[0] >= 7:
+            return torch.float16
+    return torch.float32

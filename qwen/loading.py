@@ -104,8 +104,7 @@ def load_model(path: str | Path, args: argparse.Namespace):
 
     import qwen  # noqa: F401  (registers the Qwen classes)
     from qwen.config import window_schedule
-    from qwen.gptq import find_gptq_config
-    from qwen.quantize import quantize_int4_, quantize_int8_
+    from qwen.quantization import find_gptq_config, quantize_int4_, quantize_int8_
 
     path = checkpoint_folder(path)
     if args.threads:

@@ -27,7 +27,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from . import chat as chat_utils
-from .config import QWenConfig
+from .config import QWenConfig, default_dtype
 from .kv_cache import Int8KVCache
 
 
@@ -390,12 +390,13 @@ class QWenPreTrainedModel(PreTrainedModel):
             overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in QWenConfig.__annotations__}
             config = QWenConfig.from_pretrained(pretrained_model_name_or_path, **overrides)
             kwargs["config"] = config
-        from .gptq import load_if_gptq  # GPTQ (-Int4/-Int8) folders load in plain PyTorch, see qwen/gptq.py
+        # GPTQ (-Int4/-Int8) folders load in plain PyTorch, see qwen/quantization/gptq_load.py
+        from .quantization.gptq_load import load_if_gptq
 
         if (gptq_model := load_if_gptq(cls, pretrained_model_name_or_path, kwargs)) is not None:
             return gptq_model
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
-            kwargs["dtype"] = config.flag_dtype() or _default_dtype()
+            kwargs["dtype"] = config.flag_dtype() or default_dtype()
         want_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs)
         if info["missing_keys"]:
@@ -407,17 +408,11 @@ class QWenPreTrainedModel(PreTrainedModel):
             )
         if not (Path(str(pretrained_model_name_or_path)) / "generation_config.json").is_file():
             model.generation_config = GenerationConfig(**chat_utils.CHAT_GENERATION_DEFAULTS)
+        if model.device.type == "cpu" and model.dtype == torch.bfloat16:
+            from .cpu_kernels import use_cpu_kernels_
+
+            use_cpu_kernels_(model)  # bf16 decoding at the CPU's memory speed where it has AVX-512 BF16
         return (model, info) if want_info else model
-
-
-def _default_dtype() -> torch.dtype:
-    """The original's automatic choice: bf16 where CUDA supports it, else fp16 on CUDA cc>=7, else fp32."""
-    if torch.cuda.is_available():
-        if torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if torch.cuda.get_device_capability()[0] >= 7:
-            return torch.float16
-    return torch.float32
 
 
 class QWenModel(QWenPreTrainedModel):

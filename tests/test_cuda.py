@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from qwen import triton_int8
 from qwen.engine import Engine
 from qwen.modeling import _flash_attn_func, attend
+from qwen.quantization import triton_int8
 from qwen.quantize import Int4Linear, Int8Linear, quantize_int4_, quantize_int8_, quantize_rows
 from qwen.sampling import SamplingParams
 from qwen.tiny import make_tiny_checkpoint

@@ -83,7 +83,7 @@ def default_backend_is_dequant(monkeypatch, request):
     """Where the quant extra is installed the default backend would be gptqmodel; these tests are about
     the plain-PyTorch loader, so the default stays "dequant" (except in the gptqmodel test)."""
     if "gptqmodel_reads" not in request.node.name:
-        monkeypatch.setattr("qwen.gptq.gptqmodel_available", lambda: False)
+        monkeypatch.setattr("qwen.quantization.gptq_load.gptqmodel_available", lambda: False)
 
 
 def conversations() -> list[dict]:

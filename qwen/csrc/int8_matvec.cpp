@@ -1,7 +1,7 @@
 // Weight-only int8 matrix product for a few rows of activations on CPUs with AVX-512:
 //   out[m, n] = scales[n] * sum_k x[m, k] * w[n, k]
 //
-// Built on first use by qwen/quantize.py (torch.utils.cpp_extension, cached per machine).
+// Built on first use by qwen/cpu_kernels.py (torch.utils.cpp_extension, cached per machine).
 // Decoding reads every weight once per token, so speed is memory bandwidth. Each thread walks its
 // rows of w in memory order (one sequential stream the hardware prefetcher follows) and prefetches
 // 4 KiB ahead, which keeps more DRAM reads in flight than PyTorch's _weight_int8pack_mm (measured
@@ -76,6 +76,6 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 }  // namespace
 
 // torch.ops.qwen.int8_matmul(x, w, scales): out = (x @ w.T) * scales for int8 w, computed in fp32.
-// A CPU kernel only: torch.compile traces the op through the shape function qwen/quantize.py registers.
+// A CPU kernel only: torch.compile traces the op through the shape function qwen/cpu_kernels.py registers.
 TORCH_LIBRARY(qwen, m) { m.def("int8_matmul(Tensor x, Tensor w, Tensor scales) -> Tensor"); }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) { m.impl("int8_matmul", &int8_matmul); }

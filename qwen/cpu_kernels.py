@@ -1,0 +1,133 @@
+"""qwen's own CPU kernels (``qwen/csrc``): built on first use, once per machine, and their layers.
+
+Decoding reads every weight once per token, so on a CPU its speed is the bandwidth at which a
+kernel streams the weights. Two kernels do that better than PyTorch's on AVX-512 CPUs:
+
+* ``torch.ops.qwen.int8_matmul`` (``int8_matvec.cpp``): int8 weight-only layers (``qwen.quantize``);
+* ``torch.ops.qwen.bf16_matmul`` (``bf16_matvec.cpp``): bf16 layers, on CPUs with AVX-512 BF16 dot
+  products (``avx512_bf16``). ``Bf16Linear`` is an ``nn.Linear`` that runs it for a few rows of bf16
+  activations without gradients (decoding) and PyTorch's matmul otherwise; models loaded onto the
+  CPU get it (``use_cpu_kernels_``).
+
+Each is compiled by ``torch.utils.cpp_extension`` (about 15 s; cached under
+``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``) and needs a C++ compiler and ninja (a
+dependency of this package). ``QWEN_INT8_KERNEL=torch`` / ``QWEN_BF16_KERNEL=torch`` skip them.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+# Activation rows up to which the bf16 kernel runs: it reads the weights once per 8 rows, while
+# PyTorch's matmul (oneDNN, AMX where present) wins on long inputs (a prefill).
+BF16_KERNEL_MAX_ROWS = 8
+
+
+def _build(name: str, label: str, flags: list[str]) -> bool:
+    """Compile and load ``csrc/{name}.cpp`` (once per source, torch and Python version); False with a
+    warning naming the fix when it cannot be built. ``label`` names it in messages ("int8")."""
+    from torch.utils.cpp_extension import get_default_build_root, load
+
+    source = Path(__file__).with_name("csrc") / f"{name}.cpp"
+    tag = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    python = f"py{sys.version_info[0]}{sys.version_info[1]}"
+    root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
+    build = Path(root) / f"qwen_{name}-{tag}-torch{torch.__version__}-{python}"
+    if not build.exists():
+        logger.warning("building qwen's %s CPU kernel in %s (once, about 15 s)", label, build)
+        build.mkdir(parents=True, exist_ok=True)
+    _put_ninja_on_path()
+    try:
+        # -fopenmp only compiles at::parallel_for's OpenMP loop: the symbols come from the libgomp that
+        # libtorch_cpu already loaded, so the kernel shares PyTorch's threads instead of adding its own.
+        load(name=f"qwen_{name}", sources=[str(source)], build_directory=str(build),
+             extra_cflags=["-O3", "-fopenmp", *flags], is_python_module=False)
+        return True
+    except Exception as exc:  # no compiler, no ninja, ...
+        warnings.warn(
+            f"could not build qwen's {label} CPU kernel ({type(exc).__name__}: ...{str(exc)[-300:]}); PyTorch's "
+            "slower kernel runs instead. To build it, install a C++ compiler (e.g. `apt install g++`) and "
+            "`pip install ninja`.",
+            stacklevel=3,
+        )
+        return False
+
+
+def _put_ninja_on_path() -> None:
+    """torch runs ``ninja`` from PATH; the pip package's binary is not there when a virtual
+    environment's python runs without the environment being activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+@functools.cache
+def qwen_int8_kernel():
+    """qwen's AVX-512 int8 kernel (``torch.ops.qwen.int8_matmul``), or None where it is unavailable
+    (no AVX-512, no compiler, or ``QWEN_INT8_KERNEL=torch``)."""
+    if os.environ.get("QWEN_INT8_KERNEL", "auto") == "torch":
+        return None
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        logger.info("this CPU has no AVX-512: int8 layers use PyTorch's int8 kernel")
+        return None
+    if not _build("int8_matvec", "int8", ["-mavx512f"]):
+        return None
+    # The output's shape and dtype, for torch.compile (the engine's compiled decode step).
+    torch.library.register_fake("qwen::int8_matmul")(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
+    return torch.ops.qwen.int8_matmul
+
+
+@functools.cache
+def qwen_bf16_kernel():
+    """qwen's AVX-512 BF16 kernel (``torch.ops.qwen.bf16_matmul``), or None where it is unavailable
+    (no ``avx512_bf16``, no compiler, or ``QWEN_BF16_KERNEL=torch``)."""
+    if os.environ.get("QWEN_BF16_KERNEL", "auto") == "torch" or not torch.cpu._is_avx512_bf16_supported():
+        return None
+    if not _build("bf16_matvec", "bf16", ["-mavx512f", "-mavx512bw", "-mavx512bf16"]):
+        return None
+    torch.library.register_fake("qwen::bf16_matmul")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    return torch.ops.qwen.bf16_matmul
+
+
+class Bf16Linear(nn.Linear):
+    """An ``nn.Linear`` (same parameters, same state dict) whose decoding runs qwen's bf16 kernel: up to
+    ``BF16_KERNEL_MAX_ROWS`` rows of bf16 activations on the CPU, with no gradient to compute.
+    Everything else (training, prefill, other dtypes or devices) runs PyTorch's matmul."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16
+                or flat.shape[0] > BF16_KERNEL_MAX_ROWS
+                or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return F.linear(x, self.weight, self.bias)
+        out = torch.ops.qwen.bf16_matmul(flat, self.weight)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+
+def use_cpu_kernels_(model: nn.Module) -> nn.Module:
+    """Let every plain ``nn.Linear`` of ``model`` decode through qwen's bf16 kernel where it applies
+    (see ``Bf16Linear``): the modules change class, their weights stay as they are. Does nothing where
+    the kernel is unavailable (built here, on first use). Returns the model."""
+    if qwen_bf16_kernel() is None:
+        return model
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = Bf16Linear
+    return model

@@ -1,0 +1,194 @@
+"""Weight-only int8 and int4 quantization of Linear layers (``--int8`` / ``--int4``).
+
+Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth:
+int8 weights move half the bytes of bf16. Each output channel gets one scale (symmetric,
+round-to-nearest). For a few rows of activations (decoding) the layer multiplies the int8 weight
+directly: on the CPU with qwen's own AVX-512 kernel (``qwen/csrc/int8_matvec.cpp``, compiled once
+per machine on first use) or, where that cannot be built, PyTorch's ``_weight_int8pack_mm``; on CUDA
+with qwen's Triton kernel (``qwen/quantization/triton_int8.py``, up to 16 rows). For many rows (a prefill) it
+dequantizes on the fly and runs one matmul.
+
+int4 (``Int4Linear``) keeps group-wise 4-bit weights (a scale and a zero point per group of input
+channels, as GPTQ's layout) packed for PyTorch's int4 kernels: on CUDA the tinygemm kernel
+(``_weight_int4pack_mm``, bf16 activations), on the CPU ``_weight_int4pack_mm_for_cpu``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cpu_kernels import qwen_int8_kernel
+from . import triton_int8
+
+logger = logging.getLogger(__name__)
+
+# The int8 kernels are matrix-vector loops: their time grows with every row, so past a few dozen
+# rows (a prefill) dequantizing the weight and running one matmul is faster (measured on a
+# 2048x5504 layer: 32 rows 5.7 vs 9.0 ms, 1024 rows 172 vs 27 ms).
+INT8_KERNEL_MAX_ROWS = 32
+
+Kernel = Literal["auto", "qwen", "torch"]
+
+
+def quantize_rows(w: torch.Tensor, block_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest int8 with one fp32 scale per row: ``w ~ q * scale[:, None]``.
+
+    Works through ``block_rows`` rows at a time, so its fp32 temporaries stay a few MiB instead of
+    several copies of the whole matrix (a 7B model's lm_head alone is 2.5 GB in fp32)."""
+    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
+    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
+    for start in range(0, w.shape[0], block_rows):
+        rows = slice(start, start + block_rows)
+        block = w[rows].to(torch.float32, copy=True)  # never divide the caller's weight in place
+        scale[rows] = (block.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        q[rows] = block.div_(scale[rows, None]).round_().clamp_(-128, 127)
+    return q, scale
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer whose weight is stored as int8 with one scale per output channel.
+
+    ``kernel`` picks the CPU int8 kernel for few rows: "qwen" (needs AVX-512 and a compiler),
+    "torch" (PyTorch's), or "auto" (qwen's where it can be built)."""
+
+    def __init__(self, linear: nn.Linear, kernel: Kernel = "auto") -> None:
+        super().__init__()
+        weight, scales = quantize_rows(linear.weight.detach())
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales.to(linear.weight.dtype))
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        # The CPU kernel is built only for layers made on the CPU (a CUDA layer never runs it).
+        on_cpu = linear.weight.device.type == "cpu"
+        self.use_qwen_kernel = kernel != "torch" and on_cpu and qwen_int8_kernel() is not None
+        if kernel == "qwen" and on_cpu and not self.use_qwen_kernel:
+            raise RuntimeError(
+                "kernel='qwen' needs an AVX-512 CPU and a C++ toolchain to build qwen's int8 kernel "
+                "(see the warning above); use kernel='auto' to fall back to PyTorch's"
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)
+        scales = self.scales.to(x.dtype)
+        if x.is_cuda and flat.shape[0] <= triton_int8.BLOCK_M and triton_int8.available():
+            out = torch.ops.qwen.int8_matmul_cuda(flat, self.weight, scales)
+        elif x.device.type != "cpu" or flat.shape[0] > INT8_KERNEL_MAX_ROWS:
+            out = F.linear(flat, self.weight.to(x.dtype) * scales[:, None])
+        elif self.use_qwen_kernel:
+            out = torch.ops.qwen.int8_matmul(flat, self.weight, scales)
+        else:
+            out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, scales)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric round-to-nearest per group of ``group_size`` input channels, as GPTQ stores it:
+    ``w[o, i] ~ scale[o, g] * (q[o, i] - zero[o, g])`` with ``g = i // group_size``, q and zero in
+    0..2^bits-1. Returns q (uint8 [out, in]), scale and zero (fp32 [out, groups])."""
+    out_f, in_f = w.shape
+    if in_f % group_size:
+        raise ValueError(f"{in_f} input channels do not split into groups of {group_size}")
+    top = 2**bits - 1
+    g = w.detach().float().reshape(out_f, in_f // group_size, group_size)
+    lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)  # zero stays representable
+    scale = ((hi - lo) / top).clamp(min=torch.finfo(torch.float32).tiny)
+    zero = (-lo / scale).round().clamp(0, top)
+    q = (g / scale[..., None] + zero[..., None]).round().clamp(0, top).to(torch.uint8)
+    return q.reshape(out_f, in_f), scale, zero
+
+
+def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The fp32 weight [out, in] that ``quantize_groups`` (or a GPTQ layer) represents."""
+    out_f, in_f = q.shape
+    groups = scale.shape[1]
+    w = (q.float().reshape(out_f, groups, -1) - zero[..., None]) * scale[..., None]
+    return w.reshape(out_f, in_f)
+
+
+def _inner_k_tiles(in_features: int) -> int:
+    """The int4 kernels' K tiling: the largest of 8, 4, 2 that divides in_features / 16."""
+    return next(t for t in (8, 4, 2) if in_features % (16 * t) == 0)
+
+
+class Int4Linear(nn.Module):
+    """A Linear layer with group-wise 4-bit weights (``group_size`` input channels per scale and zero).
+
+    Built from a float ``nn.Linear`` (round-to-nearest) or from a GPTQ layer's unpacked values, on
+    the device it will run on: the packed layout differs between the CUDA and the CPU kernel, so a
+    layer refuses to run on the other device. Every call runs PyTorch's int4 kernel (on CUDA the
+    tinygemm kernel, which takes bf16 activations: others are converted for it)."""
+
+    def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
+                 dtype: torch.dtype) -> None:
+        super().__init__()
+        self.out_features, self.in_features = q.shape
+        self.group_size = self.in_features // scale.shape[1]
+        if self.group_size not in (32, 64, 128, 256) or self.in_features % 32 or self.out_features % 16:
+            raise ValueError(
+                f"int4 layers need 32, 64, 128 or 256 input channels per group, in_features divisible by 32 and "
+                f"out_features by 16; got {self.in_features} -> {self.out_features} with groups of {self.group_size}"
+            )
+        self.packed_for = q.device.type
+        self.compute_dtype = torch.bfloat16 if q.is_cuda else dtype
+        # The kernels' form of the same weight: w = (q - 8) * scale + offset, offset = scale * (8 - zero).
+        scale_and_offset = torch.stack([scale.t(), (scale * (8 - zero)).t()], dim=-1).contiguous()
+        self.register_buffer("scale_and_offset", scale_and_offset.to(self.compute_dtype))  # [groups, out, 2]
+        tiles = _inner_k_tiles(self.in_features)
+        if q.is_cuda:
+            packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
+        else:
+            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), tiles)
+        self.register_buffer("packed", packed)
+        self.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False) if bias is not None else None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
+        q, scale, zero = quantize_groups(linear.weight, 4, group_size)
+        return cls(q, scale, zero, linear.bias, linear.weight.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.device.type != self.packed_for:
+            raise RuntimeError(
+                f"this int4 layer was packed for {self.packed_for} and cannot run on {x.device.type}: "
+                f"move the model to {x.device.type} first, then quantize it"
+            )
+        flat = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
+        kernel = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
+        out = kernel(flat, self.packed, self.group_size, self.scale_and_offset).to(x.dtype)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+
+def _replace_linears(model: nn.Module, make, include_lm_head: bool) -> nn.Module:
+    targets = [
+        (parent, name)
+        for parent in model.modules()
+        for name, child in parent.named_children()
+        if isinstance(child, nn.Linear) and (include_lm_head or name != "lm_head")
+    ]
+    for parent, name in targets:
+        setattr(parent, name, make(getattr(parent, name)))
+    return model
+
+
+def quantize_int8_(model: nn.Module, include_lm_head: bool = True, kernel: Kernel = "auto") -> nn.Module:
+    """Replace the model's Linear layers by ``Int8Linear`` in place and return the model."""
+    return _replace_linears(model, lambda linear: Int8Linear(linear, kernel), include_lm_head)
+
+
+def quantize_int4_(model: nn.Module, group_size: int = 128, include_lm_head: bool = False) -> nn.Module:
+    """Replace the model's Linear layers by ``Int4Linear`` in place and return the model. The lm_head
+    stays in 16 bits by default, as in GPTQ's int4 folders: it is the layer 4 bits hurt most. A layer
+    whose width ``group_size`` does not divide (only tiny test models) gets the largest group that does."""
+
+    def make(linear: nn.Linear) -> Int4Linear:
+        group = next((g for g in (group_size, 128, 64, 32) if g <= group_size and linear.in_features % g == 0), 32)
+        return Int4Linear.from_linear(linear, group)
+
+    return _replace_linears(model, make, include_lm_head)

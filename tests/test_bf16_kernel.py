@@ -1,0 +1,81 @@
+"""qwen's bf16 CPU kernel (``torch.ops.qwen.bf16_matmul``, AVX-512 BF16) and ``Bf16Linear``: against a
+float64 reference over odd shapes and tails, the fallbacks (gradients, long inputs, other dtypes),
+and bf16 models loaded on the CPU, which decode through it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from qwen.cpu_kernels import BF16_KERNEL_MAX_ROWS, Bf16Linear, qwen_bf16_kernel, use_cpu_kernels_
+from qwen.engine import Engine
+from qwen.sampling import SamplingParams
+
+pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="needs a CPU with avx512_bf16")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17])
+@pytest.mark.parametrize(("n", "k"), [(1, 32), (33, 37), (100, 2048), (5504, 64), (64, 5504)])
+def test_kernel_equals_float64_reference(rows, n, k):
+    op = qwen_bf16_kernel()
+    assert op is not None  # built on this machine, or the test is pointless
+    g = torch.Generator().manual_seed(rows * n + k)
+    x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
+    ref = x.double() @ w.double().t()
+    got = op(x, w)
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    # fp32 accumulation, one bf16 rounding of the result (relative 2^-8)
+    assert ((got.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-3 * k**0.5).all()
+
+
+def test_linear_uses_the_kernel_only_for_decoding():
+    linear = nn.Linear(64, 48).bfloat16()
+    reference = nn.Linear(64, 48).bfloat16()
+    reference.load_state_dict(linear.state_dict())
+    use_cpu_kernels_(linear)
+    assert type(linear) is Bf16Linear and linear.state_dict().keys() == reference.state_dict().keys()
+    calls = []
+    op = torch.ops.qwen.bf16_matmul.default
+    with torch.no_grad(), _count(op, calls):
+        x = torch.randn(2, 3, 64).bfloat16()
+        torch.testing.assert_close(linear(x), reference(x), rtol=2e-2, atol=2e-2)
+        linear(torch.randn(BF16_KERNEL_MAX_ROWS + 1, 64).bfloat16())  # a prefill: PyTorch's matmul
+        linear.float()(torch.randn(1, 64))  # fp32: PyTorch's
+    assert len(calls) == 1
+    linear.bfloat16()
+    x = torch.randn(1, 64).bfloat16().requires_grad_()
+    linear(x).sum().backward()  # training takes PyTorch's path, which has a backward
+    assert x.grad is not None and linear.weight.grad is not None
+
+
+class _count(torch.overrides.TorchFunctionMode):
+    """Count calls of one op (the test's view of which path ran)."""
+
+    def __init__(self, op, calls: list) -> None:
+        super().__init__()
+        self.op, self.calls = op, calls
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (self.op, self.op.overloadpacket):
+            self.calls.append(func)
+        return func(*args, **(kwargs or {}))
+
+
+def test_bf16_model_on_the_cpu_decodes_through_the_kernel(tiny_chat, tokenizer):
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat, dtype=torch.bfloat16).eval()
+    assert isinstance(model.lm_head, Bf16Linear) and isinstance(model.transformer.h[0].attn.c_attn, Bf16Linear)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_chat, dtype=torch.bfloat16).eval()
+    for module in plain.modules():
+        if isinstance(module, Bf16Linear):
+            module.__class__ = nn.Linear
+    ids = tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    with torch.no_grad():
+        ours, theirs = (m(torch.tensor([ids])).logits[0, -1].float() for m in (model, plain))
+    assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0) > 0.999
+    seq = Engine(model, tokenizer).generate([ids], SamplingParams(max_new_tokens=8, do_sample=False))[0]
+    expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, repetition_penalty=1.0,
+                              eos_token_id=None)[0, len(ids):].tolist()
+    assert seq.output_ids == expected
+    assert AutoModelForCausalLM.from_pretrained(tiny_chat).lm_head.__class__ is nn.Linear  # fp32: untouched
