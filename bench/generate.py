@@ -122,7 +122,8 @@ def measure(run: Runner, device: torch.device, prompt_len: int, prefill_len: int
         run(ids, 2)  # warm-up
         first = min(timed(lambda p=ids: run(p, 1)) for _ in range(2))
         full = timed(lambda p=ids: run(p, 1 + new_tokens))
-        row[f"decode b{batch} tok/s"] = batch * new_tokens / max(full - first, 1e-9)
+        # A slow spell during the short run can make the difference meaningless: then no figure this round.
+        row[f"decode b{batch} tok/s"] = batch * new_tokens / (full - first) if full > first else float("nan")
     long_prompt = torch.randint(0, 150000, (1, prefill_len), generator=gen).to(device)
     run(long_prompt[:, :64], 1)  # the first run at a new length also pays for allocations
     row["prefill tok/s"] = prefill_len / timed(lambda: run(long_prompt, 1))
