@@ -174,3 +174,44 @@ start_failed() {
     echo "remove it with: docker rm -f $CONTAINER" >&2
     return 0
 }
+
+# Everything a script checks and prepares before `docker run`: the flags, docker, the checkpoint, the
+# container name, the port (with "port" as first argument: the server and web scripts), the image,
+# GPUs and the user to run as. Then CMD is the image's command for KIND with the model flags.
+prepare() {
+    local want_port=$1
+    shift
+    parse_args "$@"
+    require_docker
+    checkpoint_args
+    check_name
+    [[ $want_port == port ]] && check_port
+    ensure_image
+    gpu_args
+    user_args
+    CMD=("$KIND")
+    [[ $DEMO -eq 1 ]] && CMD+=(--demo)
+    [[ $INT8 -eq 1 ]] && CMD+=(--int8)
+    [[ $CPU_ONLY -eq 1 ]] && CMD+=(--cpu-only)
+    return 0
+}
+
+# `docker run -d` of a server publishing PORT, with the given extra docker arguments; a taken port or
+# a container that does not stay up ends the script with the reason.
+run_server() {
+    local out
+    if ! out=$("$DOCKER" run -d --name "$CONTAINER" --restart unless-stopped -p "$LISTEN:$PORT:8000" "$@" \
+            "${USER_ARGS[@]}" "${GPU_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$IMAGE" "${CMD[@]}" "${APP_ARGS[@]}" 2>&1); then
+        if [[ $out == *"already allocated"* || $out == *"address already in use"* ]]; then
+            "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
+            die "port $PORT is taken: choose another with --port"
+        fi
+        die "docker run failed: $out"
+    fi
+    if start_failed; then
+        exit 1
+    fi
+    HOST=$LISTEN
+    [[ $HOST == 0.0.0.0 ]] && HOST=localhost
+    return 0
+}

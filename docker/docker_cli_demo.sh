@@ -29,18 +29,8 @@ USAGE
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-parse_args "$@"
-require_docker
-checkpoint_args
-check_name
-ensure_image
-gpu_args
-user_args
+prepare no-port "$@"
 
-CMD=(cli)
-[[ $DEMO -eq 1 ]] && CMD+=(--demo)
-[[ $INT8 -eq 1 ]] && CMD+=(--int8)
-[[ $CPU_ONLY -eq 1 ]] && CMD+=(--cpu-only)
 TTY=(-i)
 [[ -t 0 && -t 1 ]] && TTY=(-it)  # a terminal for the chat when there is one; piped input works too
 

@@ -33,39 +33,15 @@ USAGE
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-parse_args "$@"
-require_docker
-checkpoint_args
-check_name
-check_port
-ensure_image
-gpu_args
-user_args
+prepare port "$@"
 
 ENV_ARGS=()
 if [[ -n $API_KEYS ]]; then
     export QWEN_API_KEYS=$API_KEYS  # -e NAME without a value: not visible in ps or docker's command line
     ENV_ARGS+=(-e QWEN_API_KEYS)
 fi
-CMD=(api)
-[[ $DEMO -eq 1 ]] && CMD+=(--demo)
-[[ $INT8 -eq 1 ]] && CMD+=(--int8)
-[[ $CPU_ONLY -eq 1 ]] && CMD+=(--cpu-only)
 
-if ! out=$("$DOCKER" run -d --name "$CONTAINER" --restart unless-stopped \
-        -p "$LISTEN:$PORT:8000" "${USER_ARGS[@]}" "${GPU_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${ENV_ARGS[@]}" \
-        "$IMAGE" "${CMD[@]}" "${APP_ARGS[@]}" 2>&1); then
-    if [[ $out == *"already allocated"* || $out == *"address already in use"* ]]; then
-        "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
-        die "port $PORT is taken: choose another with --port"
-    fi
-    die "docker run failed: $out"
-fi
-if start_failed; then
-    exit 1
-fi
-HOST=$LISTEN
-[[ $HOST == 0.0.0.0 ]] && HOST=localhost
+run_server "${ENV_ARGS[@]}"
 echo "Started the OpenAI-compatible API server (model: $MODEL_NAME) in container $CONTAINER: http://$HOST:$PORT/v1"
 echo "It answers once the model is loaded: curl http://$HOST:$PORT/health (docker ps shows it as healthy)."
 echo "See its logs:        docker logs -f $CONTAINER"

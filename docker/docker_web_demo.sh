@@ -31,35 +31,11 @@ USAGE
 # shellcheck source=common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
-parse_args "$@"
-require_docker
-checkpoint_args
-check_name
-check_port
-ensure_image
-gpu_args
-user_args
+prepare port "$@"
 
-CMD=(web)
-[[ $DEMO -eq 1 ]] && CMD+=(--demo)
-[[ $INT8 -eq 1 ]] && CMD+=(--int8)
-[[ $CPU_ONLY -eq 1 ]] && CMD+=(--cpu-only)
 
 # gradio has no /health: the image's health check asks for the page itself.
-if ! out=$("$DOCKER" run -d --name "$CONTAINER" --restart unless-stopped \
-        -p "$LISTEN:$PORT:8000" -e QWEN_HEALTH_URL=http://127.0.0.1:8000/ \
-        "${USER_ARGS[@]}" "${GPU_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$IMAGE" "${CMD[@]}" "${APP_ARGS[@]}" 2>&1); then
-    if [[ $out == *"already allocated"* || $out == *"address already in use"* ]]; then
-        "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
-        die "port $PORT is taken: choose another with --port"
-    fi
-    die "docker run failed: $out"
-fi
-if start_failed; then
-    exit 1
-fi
-HOST=$LISTEN
-[[ $HOST == 0.0.0.0 ]] && HOST=localhost
+run_server -e QWEN_HEALTH_URL=http://127.0.0.1:8000/
 echo "Started the web demo (model: $MODEL_NAME) in container $CONTAINER: open http://$HOST:$PORT once it is loaded."
 echo "See its logs:        docker logs -f $CONTAINER"
 echo "Stop and remove it:  docker rm -f $CONTAINER"
