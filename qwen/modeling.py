@@ -394,6 +394,7 @@ class QWenPreTrainedModel(PreTrainedModel):
         from .quantization.gptq_load import load_if_gptq
 
         if (gptq_model := load_if_gptq(cls, pretrained_model_name_or_path, kwargs)) is not None:
+            _use_cpu_kernels(gptq_model[0] if isinstance(gptq_model, tuple) else gptq_model)
             return gptq_model
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
             kwargs["dtype"] = config.flag_dtype() or default_dtype()
@@ -408,11 +409,16 @@ class QWenPreTrainedModel(PreTrainedModel):
             )
         if not (Path(str(pretrained_model_name_or_path)) / "generation_config.json").is_file():
             model.generation_config = GenerationConfig(**chat_utils.CHAT_GENERATION_DEFAULTS)
-        if model.device.type == "cpu" and model.dtype == torch.bfloat16:
-            from .cpu_kernels import use_cpu_kernels_
-
-            use_cpu_kernels_(model)  # bf16 decoding at the CPU's memory speed where it has AVX-512 BF16
+        _use_cpu_kernels(model)
         return (model, info) if want_info else model
+
+
+def _use_cpu_kernels(model: QWenPreTrainedModel) -> None:
+    """bf16 decoding at the CPU's memory speed where it has AVX-512 BF16 (see qwen.cpu_kernels)."""
+    if model.device.type == "cpu" and model.dtype == torch.bfloat16:
+        from .cpu_kernels import use_cpu_kernels_
+
+        use_cpu_kernels_(model)
 
 
 class QWenModel(QWenPreTrainedModel):

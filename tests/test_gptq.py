@@ -19,6 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer, GPTQConfig
 
+from qwen.cpu_kernels import Bf16Linear
 from qwen.gptq import (
     GPTQError,
     dequantize,
@@ -419,6 +420,14 @@ def test_hand_built_folder_loads(tmp_path, bits, desc_act, shards):
     torch.testing.assert_close(model.lm_head.weight, built["tensors"]["lm_head.weight"])
     with torch.no_grad():
         assert torch.isfinite(model.float()(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+@pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="needs a CPU with avx512_bf16")
+def test_bf16_gptq_folder_on_the_cpu_decodes_through_the_bf16_kernel(tmp_path):
+    write_gptq_folder(tmp_path / "q", 4, desc_act=False, shards=1)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16, gptq_backend="int8")
+    assert isinstance(model.lm_head, Bf16Linear)  # stored 16-bit, as in the released folders
+    assert isinstance(model.transformer.h[0].attn.c_attn, Int8Linear)
 
 
 def test_quantize_config_json_only_folder_loads(tmp_path):
