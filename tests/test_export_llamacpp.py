@@ -1,21 +1,18 @@
 """Opt-in (``pytest -m llamacpp``): llama.cpp itself loads and runs GGUF files from ``python -m qwen.export gguf``.
 
 llama.cpp is built from the llama-cpp-python sdist (its ``vendor/llama.cpp``) as a shared library, once, into
-``~/.cache/qwen-llamacpp/<version>/build`` (a few minutes on two cores), and driven through the sdist's own
-ctypes bindings in a subprocess. Without cmake and a C++ compiler, or without a network to download the sdist,
+``~/.cache/qwen-llamacpp/<version>/build-<hash of the flags>`` (a few minutes on two cores; the helpers are
+``bench/llamacpp_build.py``, shared with ``bench/llamacpp.py``), and driven through the sdist's own ctypes
+bindings in a subprocess. Without cmake and a C++ compiler, or without a network to download the sdist,
 the tests are skipped with a message saying which.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
-import tarfile
 from pathlib import Path
 
 import pytest
@@ -26,23 +23,12 @@ from qwen.export import export_gguf
 from qwen.tiny import make_tiny_checkpoint
 from qwen.tokenizer import QWenTokenizer
 
+# The build helpers live beside the benchmark that also builds llama.cpp (bench/llamacpp.py).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import llamacpp_build  # noqa: E402
+
 pytestmark = pytest.mark.llamacpp
 
-VERSION = "0.3.36"
-CACHE = Path("~/.cache/qwen-llamacpp").expanduser() / VERSION
-SDIST_DIR = CACHE / f"llama_cpp_python-{VERSION}"
-CMAKE_FLAGS = [
-    "-DBUILD_SHARED_LIBS=ON", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
-    "-DLLAMA_BUILD_COMMON=OFF", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF", "-DLLAMA_BUILD_SERVER=OFF",
-    "-DLLAMA_BUILD_TOOLS=OFF", "-DLLAMA_BUILD_MTMD=OFF", "-DCMAKE_BUILD_TYPE=Release",
-]
-if platform.machine().lower() in ("x86_64", "amd64"):
-    # Some VMs advertise AMX in CPUID without the kernel granting its tile state: a native build then dies with
-    # SIGILL in q8_0 matrix products (seen here). AMX only speeds up large batches; leave it out.
-    no_amx = "-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
-    CMAKE_FLAGS += [f"-DCMAKE_C_FLAGS={no_amx}", f"-DCMAKE_CXX_FLAGS={no_amx}"]
-# One build folder per set of flags, so a cached build made with other flags is never taken.
-BUILD = CACHE / f"build-{hashlib.sha1(' '.join(CMAKE_FLAGS).encode()).hexdigest()[:10]}"
 PROMPTS = ["Hello, world! The capital of France is", "你好，请介绍一下你自己。",
            "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
            "<|im_start|>assistant\n"]
@@ -95,40 +81,17 @@ def _announce(config: pytest.Config, message: str) -> None:
         print(f"\n[qwen llamacpp tests] {message}", flush=True)
 
 
-def _build_llama_cpp(config: pytest.Config) -> None:
-    if not (shutil.which("cmake") and (shutil.which("c++") or shutil.which("g++") or shutil.which("clang++"))):
-        pytest.skip("building llama.cpp needs cmake and a C++ compiler (e.g. apt-get install cmake g++)")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    if not (SDIST_DIR / "vendor" / "llama.cpp" / "CMakeLists.txt").is_file():
-        download = CACHE / "sdist"
-        done = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                               f"llama-cpp-python=={VERSION}", "-d", str(download)],
-                              capture_output=True, text=True, timeout=900)
-        archives = sorted(download.glob(f"llama_cpp_python-{VERSION}.tar.gz"))
-        if done.returncode != 0 or not archives:
-            pytest.skip(f"cannot download the llama-cpp-python {VERSION} sdist with pip (no network?): "
-                        f"{done.stderr.strip().splitlines()[-1:] or done.returncode}")
-        with tarfile.open(archives[0]) as tar:
-            tar.extractall(CACHE, filter="data")
-    _announce(config, f"building llama.cpp from the llama-cpp-python {VERSION} sdist into {BUILD} "
-                      f"(a few minutes, once)")
-    partial = BUILD.with_name(BUILD.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    source = SDIST_DIR / "vendor" / "llama.cpp"
-    for cmd in (["cmake", "-S", str(source), "-B", str(partial), *CMAKE_FLAGS],
-                ["cmake", "--build", str(partial), f"-j{os.cpu_count() or 2}", "--target", "llama"]):
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
-        if done.returncode != 0:
-            pytest.fail(f"llama.cpp build failed: {' '.join(cmd)}\n{(done.stdout + done.stderr)[-3000:]}")
-    os.replace(partial, BUILD)  # only a finished build is ever taken from the cache
-
-
 @pytest.fixture(scope="module")
 def llama_cpp(pytestconfig) -> tuple[Path, Path]:
     """(the sdist's bindings package folder, the folder of libllama.so)."""
-    if not (BUILD / "bin" / "libllama.so").is_file():
-        _build_llama_cpp(pytestconfig)
-    return SDIST_DIR / "llama_cpp", BUILD / "bin"
+    try:
+        build = llamacpp_build.ensure_build(tools=False, targets=["llama"],
+                                            announce=lambda message: _announce(pytestconfig, message))
+    except llamacpp_build.LlamaCppUnavailable as exc:
+        pytest.skip(str(exc))
+    except llamacpp_build.LlamaCppBuildError as exc:
+        pytest.fail(str(exc))
+    return llamacpp_build.BINDINGS, build / "bin"
 
 
 @pytest.fixture(scope="module")
