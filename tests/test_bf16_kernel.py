@@ -39,7 +39,7 @@ def test_linear_uses_the_kernel_only_for_decoding():
     calls = []
     op = torch.ops.qwen.bf16_matmul.default
     with torch.no_grad(), _count(op, calls):
-        x = torch.randn(2, 3, 64).bfloat16()
+        x = torch.randn(1, BF16_KERNEL_MAX_ROWS, 64).bfloat16()
         torch.testing.assert_close(linear(x), reference(x), rtol=2e-2, atol=2e-2)
         linear(torch.randn(BF16_KERNEL_MAX_ROWS + 1, 64).bfloat16())  # a prefill: PyTorch's matmul
         linear.float()(torch.randn(1, 64))  # fp32: PyTorch's
