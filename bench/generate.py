@@ -145,11 +145,12 @@ def best_of_rounds(runners: dict[str, Runner], rounds: int, device: torch.device
     return list(rows.values())
 
 
-def build_model(shape: str, dtype: torch.dtype, tmp: str, device: torch.device) -> QWenLMHeadModel:
+def build_model(shape: str, dtype: torch.dtype, tmp: str, device: torch.device, **overrides) -> QWenLMHeadModel:
+    """A model of ``shape`` with random weights (``overrides``: config fields of a non-tiny shape)."""
     if shape == "tiny":
         path = make_tiny_checkpoint(os.path.join(tmp, "tiny"))
         return QWenLMHeadModel.from_pretrained(path, dtype=dtype).to(device).eval()
-    config = QWenConfig(**SHAPES[shape])
+    config = QWenConfig(**{**SHAPES[shape], **overrides})
     with torch.device("meta"):
         model = QWenLMHeadModel(config)
     model = model.to_empty(device=device).to(dtype)

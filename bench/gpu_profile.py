@@ -22,11 +22,10 @@ import collections
 import time
 
 import torch
-from generate import SHAPES, bandwidths, nbytes  # bench/generate.py (the script's folder is on sys.path)
+from generate import bandwidths, build_model, nbytes  # bench/generate.py (the script's folder is on sys.path)
 from torch.nn.attention import SDPBackend
 
 import qwen  # noqa: F401
-from qwen.config import QWenConfig
 from qwen.convert import to_qwen2
 from qwen.engine import DECODE_ATTENTION, Engine
 from qwen.modeling import QWenLMHeadModel
@@ -60,14 +59,7 @@ VARIANTS = {
 
 
 def build(fused: bool, weights: str) -> QWenLMHeadModel:
-    config = QWenConfig(**SHAPES["1.8b"])
-    with torch.device("meta"):
-        model = QWenLMHeadModel(config)
-    model = model.to_empty(device="cuda").to(torch.bfloat16)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "ln" in name else 0.0, 0.1 if "ln" in name else 0.02)
-    model.eval()
+    model = build_model("1.8b", torch.bfloat16, "", torch.device("cuda"))
     if fused:
         model.fuse_weights_()
     if weights == "int8":
@@ -302,13 +294,7 @@ def prefill_rows(models: dict, length: int, label: str, rows: list[dict]) -> Non
 def window_rows(args: argparse.Namespace, rows: list[dict]) -> None:
     """A model whose every layer attends over a 512-token window: our prefill with FlexAttention (a
     block mask) and with a dense masked SDPA (the default), against Qwen2's sliding window."""
-    config = QWenConfig(**SHAPES["1.8b"], use_window_attn=True, window_size=512)
-    with torch.device("meta"):
-        model = QWenLMHeadModel(config)
-    model = model.to_empty(device="cuda").to(torch.bfloat16).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.normal_(1.0 if "ln" in name else 0.0, 0.1 if "ln" in name else 0.02)
+    model = build_model("1.8b", torch.bfloat16, "", torch.device("cuda"), use_window_attn=True, window_size=512)
     qwen2 = to_qwen2(model)
     ids = torch.randint(0, 150000, (1, 1024), device="cuda")
     logits = {}
