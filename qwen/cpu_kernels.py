@@ -4,6 +4,8 @@ Decoding reads every weight once per token, so on a CPU its speed is the bandwid
 kernel streams the weights. Two kernels do that better than PyTorch's on AVX-512 CPUs:
 
 * ``torch.ops.qwen.int8_matmul`` (``int8_matvec.cpp``): int8 weight-only layers (``qwen.quantize``);
+* ``torch.ops.qwen.int4_matmul`` (``int4_matvec.cpp``): group-wise int4 layers, with activations
+  quantized to int8 for integer dot products (AVX-512 VNNI, or AVX2), as llama.cpp's Q4_0 does;
 * ``torch.ops.qwen.bf16_matmul`` (``bf16_matvec.cpp``): bf16 layers, on CPUs with AVX-512 BF16 dot
   products (``avx512_bf16``). ``Bf16Linear`` is an ``nn.Linear`` that runs it for a few rows of bf16
   activations without gradients (decoding) and PyTorch's matmul otherwise; models loaded onto the
@@ -11,7 +13,8 @@ kernel streams the weights. Two kernels do that better than PyTorch's on AVX-512
 
 Each is compiled by ``torch.utils.cpp_extension`` (about 15 s; cached under
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``) and needs a C++ compiler and ninja (a
-dependency of this package). ``QWEN_INT8_KERNEL=torch`` / ``QWEN_BF16_KERNEL=torch`` skip them.
+dependency of this package). ``QWEN_INT8_KERNEL=torch``, ``QWEN_INT4_KERNEL=torch`` and
+``QWEN_BF16_KERNEL=torch`` skip them.
 """
 
 from __future__ import annotations
@@ -92,6 +95,23 @@ def qwen_int8_kernel():
     # The output's shape and dtype, for torch.compile (the engine's compiled decode step).
     torch.library.register_fake("qwen::int8_matmul")(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
     return torch.ops.qwen.int8_matmul
+
+
+@functools.cache
+def qwen_int4_kernel():
+    """qwen's int4 kernels (``torch.ops.qwen.int4_matmul`` and ``int4_dequantize``, AVX-512 VNNI or AVX2,
+    picked at run time), or None where they are unavailable (no AVX2, no compiler, or
+    ``QWEN_INT4_KERNEL=torch``)."""
+    if os.environ.get("QWEN_INT4_KERNEL", "auto") == "torch":
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        logger.info("this CPU has no AVX2: int4 layers use PyTorch's int4 kernel")
+        return None
+    if not _build("int4_matvec", "int4", []):
+        return None
+    torch.library.register_fake("qwen::int4_matmul")(
+        lambda x, packed, scale_zero, group_size, avx2=False: x.new_empty(x.shape[0], packed.shape[0]))
+    return torch.ops.qwen.int4_matmul
 
 
 @functools.cache

@@ -7,6 +7,7 @@ and GPTQ against round-to-nearest at the same width.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -325,6 +326,36 @@ def test_int4_backend_keeps_the_4_bit_values(quantized, reference, tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path / "act", gptq_backend="int4", dtype=torch.float32)
 
 
+def test_int4_backend_runs_qwens_cpu_kernel_for_groups_of_128(tmp_path):
+    """Groups of 128 (Qwen's -Int4 folders) run qwen's own int4 kernel on the CPU: its weights are the
+    folder's exactly, and decoding one token at a time (the kernel, with int8 activations) stays within
+    a percent or two of the dequantized model; --int4 also makes the lm_head int8."""
+    from qwen.loading import add_model_args, load_model
+
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        pytest.skip("qwen's int4 kernel needs an AVX2 CPU")
+    expected = write_gptq_folder(tmp_path / "g128", 4, hidden=128, intermediate=512, group=128)["expected"]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "g128", gptq_backend="int4", dtype=torch.float32)
+    dequant = AutoModelForCausalLM.from_pretrained(tmp_path / "g128", gptq_backend="dequant", dtype=torch.float32)
+    for module, weight in expected.items():
+        layer = model.get_submodule(module)
+        assert isinstance(layer, Int4Linear) and layer.use_qwen_kernel, module
+        got = torch.ops.qwen.int4_dequantize(layer.packed, layer.scale_and_offset, 128, torch.float32)
+        torch.testing.assert_close(got, weight, rtol=0, atol=1e-6)
+    ids = torch.tensor([[9707, 11, 1879, 0, 358, 1079, 264, 1614]])
+    with torch.no_grad():
+        want = dequant(ids).logits[0]
+        cache, got = None, []
+        for i in range(ids.shape[1]):
+            out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            cache, got = out.past_key_values, [*got, out.logits[0, -1]]
+    assert (torch.stack(got) - want).abs().max() < 0.02 * want.abs().max()
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    loaded, _ = load_model(tmp_path / "g128", parser.parse_args(["--int4", "--cpu-only"]))
+    assert isinstance(loaded.lm_head, Int8Linear) and loaded.transformer.h[0].mlp.w1.use_qwen_kernel
+
+
 def test_load_options(quantized):
     folder = quantized[8]
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16, trust_remote_code=True,
@@ -343,14 +374,15 @@ def test_load_options(quantized):
 
 
 def write_gptq_folder(out: Path, bits: int = 4, *, in_config: bool = True, quantize_config: bool = False,
-                      desc_act: bool = False, shards: int = 1, drop: tuple[str, ...] = (), qc_extra=None) -> dict:
+                      desc_act: bool = False, shards: int = 1, drop: tuple[str, ...] = (), qc_extra=None,
+                      hidden: int = 64, intermediate: int = 256, group: int = 32) -> dict:
     """A GPTQ Qwen folder built from first principles (not with qwen.gptq's writer): random integers,
     scales and zeros packed per the v1 layout. Returns the expected dequantized weights."""
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(bits)
-    config = original_config(2, 64, 4, 256, 151936, 8192, fp16=True)
+    config = original_config(2, hidden, 4, intermediate, 151936, 8192, fp16=True)
     shapes = weight_shapes(config)
-    group, per = 32, 32 // bits
+    per = 32 // bits
     tensors, expected = {}, {}
     for name, shape in shapes.items():
         module = name.rsplit(".", 1)[0]

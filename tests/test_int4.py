@@ -1,6 +1,11 @@
 """int4 weight-only layers (``Int4Linear``, ``quantize_int4_``, ``--int4``): group-wise round-to-nearest
-checked against its float64 formula, PyTorch's CPU int4 kernel against the dequantized weight, and a
-whole model through the engine and the front ends' loader. The CUDA kernel is checked in test_cuda.py."""
+checked against its float64 formula; qwen's CPU kernel (int8 activations, integer dot products, AVX-512
+VNNI and AVX2) against a float64 model of what it computes, and its dequantized prefill path; PyTorch's
+CPU int4 kernel against the dequantized weight; whole models through the engine and the front ends'
+loader. The CUDA kernel is checked in test_cuda.py.
+
+qwen's kernel is compiled on first use (about 15 s, then cached); its tests need an AVX2 CPU and a
+compiler and are skipped, visibly, elsewhere."""
 
 from __future__ import annotations
 
@@ -10,11 +15,45 @@ import copy
 import pytest
 import torch
 from torch import nn
+from transformers import AutoModelForCausalLM
 
+from qwen.cpu_kernels import qwen_int4_kernel
 from qwen.engine import Engine
 from qwen.loading import add_model_args, load_model
+from qwen.quantization.layers import INT4_KERNEL_MAX_ROWS
 from qwen.quantize import Int4Linear, dequantize_groups, quantize_groups, quantize_int4_
 from qwen.sampling import SamplingParams
+from qwen.tiny import make_tiny_checkpoint
+
+HAS_KERNEL = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="qwen's int4 kernel needs an AVX2 CPU")
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    if not HAS_KERNEL:
+        pytest.skip("qwen's int4 kernel needs an AVX2 CPU")
+    op = qwen_int4_kernel()
+    assert op is not None, "qwen's int4 kernel did not build on an AVX2 machine (see the warning)"
+    return op
+
+
+def kernel_reference(x: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """What qwen's kernel computes, in float64: each row of x quantized to int8 per 128 channels
+    (round half to even of x * 127 / max|x|, the product taken in float32 as the kernel does), then
+    sum over blocks of a * s * (xq . q) - a * s * z * sum(xq)."""
+    rows, width = x.shape
+    blocks = x.float().reshape(rows, width // 128, 128)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    xq = torch.round(blocks * inv).double()  # torch.round rounds half to even
+    a = (amax / 127).double()  # [rows, blocks, 1]
+    group_of_block = torch.arange(width // 128) * 128 // (width // scale.shape[1])
+    s, z = scale.double()[:, group_of_block], zero.double()[:, group_of_block]  # [out, blocks]
+    qb = q.double().reshape(q.shape[0], width // 128, 128)  # [out, blocks, 128]
+    dots = torch.einsum("rbk,obk->rob", xq, qb)  # [rows, out, blocks]
+    sums = xq.sum(-1)  # [rows, blocks]
+    return (a.squeeze(-1)[:, None] * s[None] * (dots - z[None] * sums[:, None])).sum(-1)
 
 
 def test_quantize_groups_follows_the_formula():
@@ -34,10 +73,11 @@ def test_quantize_groups_follows_the_formula():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize(("out_f", "in_f", "group"), [(16, 32, 32), (48, 256, 64), (96, 384, 128), (16, 512, 256)])
 @pytest.mark.parametrize("rows", [1, 3, 33])
-def test_layer_equals_its_dequantized_weight(dtype, out_f, in_f, group, rows):
+def test_torch_kernel_layer_equals_its_dequantized_weight(dtype, out_f, in_f, group, rows):
     torch.manual_seed(out_f + in_f + rows)
     linear = nn.Linear(in_f, out_f).to(dtype)
-    layer = Int4Linear.from_linear(linear, group)
+    layer = Int4Linear.from_linear(linear, group, kernel="torch")
+    assert not layer.use_qwen_kernel
     x = torch.randn(rows, 2, in_f).to(dtype)
     ref = x.double() @ dequantize_groups(*quantize_groups(linear.weight, 4, group)).double().t() + linear.bias.double()
     got = layer(x)
@@ -45,6 +85,78 @@ def test_layer_equals_its_dequantized_weight(dtype, out_f, in_f, group, rows):
     tol = 1e-4 if dtype == torch.float32 else 3e-2
     assert (got.double() - ref).abs().max() <= tol * ref.abs().max()
     assert layer.packed.numel() * layer.packed.element_size() == out_f * in_f // 2
+
+
+@pytest.mark.parametrize("avx2", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_qwen_kernel_matches_its_float64_model(kernel, avx2, dtype):
+    """Every row-tile size (1-8 and past 8), groups of 128 and 256, odd output counts, activations
+    with an outlier channel and an all-zero row; AVX2 run on this CPU too. Exact integer sums leave
+    only float32 rounding, so the tolerance is tight: a wrong zero-point term, block scale or nibble
+    order is off by percents."""
+    g = torch.Generator().manual_seed(0)
+    for rows in (1, 2, 3, 7, 8, 9, 17):
+        for width, group in ((128, 128), (384, 128), (512, 256), (1024, 256)):
+            for outputs in (1, 3, 130):
+                w = torch.randn(outputs, width, generator=g)
+                q, scale, zero = quantize_groups(w, 4, group)
+                layer = Int4Linear(q, scale, zero, None, torch.float32, kernel="qwen")
+                x = torch.randn(rows, width, generator=g)
+                x[:, 5] *= 50  # an outlier channel: only its own block's scale grows
+                x[-1] = 0 if rows > 1 else x[-1]
+                x = x.to(dtype)
+                got = kernel(x, layer.packed, layer.scale_and_offset, group, avx2)
+                expected = kernel_reference(x, q, scale, zero)
+                assert got.dtype == dtype and got.shape == (rows, outputs)
+                tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+                error = (got.double() - expected).abs().max() / expected.abs().max()
+                assert error < tolerance, (rows, width, outputs, error.item())
+                if rows > 1:
+                    assert (got[-1] == 0).all()
+
+
+def test_qwen_kernel_avx2_equals_avx512(kernel):
+    g = torch.Generator().manual_seed(3)
+    layer = Int4Linear.from_linear(nn.Linear(640, 48), 128, kernel="qwen")
+    x = torch.randn(5, 640, generator=g)
+    wide, narrow = (kernel(x, layer.packed, layer.scale_and_offset, 128, avx2) for avx2 in (False, True))
+    torch.testing.assert_close(wide, narrow, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qwen_layer_few_rows_kernel_many_rows_dequantized(kernel, dtype):
+    """Up to INT4_KERNEL_MAX_ROWS rows run the kernel (int8 activations: within a percent of the
+    dequantized weight's product), more rows the dequantized weight and one matmul (float rounding
+    only). The dequantized weight is the group formula exactly, its bf16 form that rounded."""
+    torch.manual_seed(1)
+    linear = nn.Linear(384, 96).to(dtype)
+    layer = Int4Linear.from_linear(linear, 128)
+    assert layer.use_qwen_kernel
+    q, scale, zero = quantize_groups(linear.weight, 4, 128)
+    weight = dequantize_groups(q, scale, zero)
+    for out_dtype in (torch.float32, torch.bfloat16):
+        got = torch.ops.qwen.int4_dequantize(layer.packed, layer.scale_and_offset, 128, out_dtype)
+        assert got.dtype == out_dtype
+        torch.testing.assert_close(got, weight.to(out_dtype), rtol=1e-6 if out_dtype == torch.float32 else 1e-2,
+                                   atol=1e-6)
+    dequantized_tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for rows, tol in ((INT4_KERNEL_MAX_ROWS, 2e-2), (INT4_KERNEL_MAX_ROWS + 1, dequantized_tol)):
+        x = torch.randn(rows, 384).to(dtype)
+        ref = x.double() @ weight.double().t() + linear.bias.double()
+        got = layer(x)
+        assert got.dtype == dtype
+        assert (got.double() - ref).abs().max() <= tol * ref.abs().max(), rows
+    assert layer.packed.numel() == 96 * 384 // 2 and layer.scale_and_offset.shape == (96, 3, 2)
+
+
+def test_qwen_kernel_rejects_bad_input(kernel):
+    layer = Int4Linear.from_linear(nn.Linear(256, 16), 128, kernel="qwen")
+    with pytest.raises(RuntimeError, match="shapes do not match"):
+        kernel(torch.zeros(1, 384), layer.packed, layer.scale_and_offset, 128)
+    with pytest.raises(RuntimeError, match="group_size must be 128"):
+        kernel(torch.zeros(1, 256), layer.packed, layer.scale_and_offset, 64)
+    with pytest.raises(RuntimeError, match="kernel='qwen' needs"):
+        Int4Linear.from_linear(nn.Linear(256, 16), 64, kernel="qwen")  # groups of 64: PyTorch's kernel only
 
 
 def test_unsupported_shapes_are_refused():
@@ -57,7 +169,7 @@ def test_unsupported_shapes_are_refused():
 def test_whole_model_int4(tiny_model, tokenizer):
     """quantize_int4_ on every block Linear (lm_head kept) decodes close to the float model: its
     next-token distribution stays near, and the engine's greedy tokens equal model.generate's."""
-    model = quantize_int4_(copy.deepcopy(tiny_model), group_size=32)
+    model = quantize_int4_(copy.deepcopy(tiny_model), group_size=32, lm_head="keep")
     linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
     assert len(linears) == 5 * tiny_model.config.num_hidden_layers and isinstance(model.lm_head, nn.Linear)
     ids = tokenizer.encode("The quick brown fox jumps over the lazy dog")
@@ -77,3 +189,71 @@ def test_int4_flag_of_the_front_ends(tiny_chat):
     assert isinstance(model.transformer.h[0].mlp.w1, Int4Linear)
     with pytest.raises(SystemExit):
         parser.parse_args(["--int4", "--int8"])
+
+
+@pytest.fixture(scope="module")
+def model_128(tmp_path_factory):
+    """A tiny model whose every Linear has a multiple of 128 inputs: all of them run qwen's kernel."""
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("int4") / "m", hidden=128, heads=4, intermediate=512, seed=4)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def dequantized_copy(model: nn.Module) -> nn.Module:
+    """The model with each Int4Linear replaced by an nn.Linear holding the weight it stands for."""
+    plain = copy.deepcopy(model)
+    for parent in list(plain.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Int4Linear):
+                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+                with torch.no_grad():
+                    linear.weight.copy_(torch.ops.qwen.int4_dequantize(child.packed, child.scale_and_offset,
+                                                                       child.group_size, torch.float32))
+                    if child.bias is not None:
+                        linear.bias.copy_(child.bias)
+                setattr(parent, name, linear)
+    return plain
+
+
+@needs_kernel
+def test_whole_model_on_qwen_kernel(kernel, model_128, tokenizer):
+    """Every block Linear on qwen's kernel: the engine (eager and compiled, one prompt or three) gives
+    model.generate's greedy tokens, a batch gives each prompt's tokens alone (rows are quantized one by
+    one), and the logits stay within int8 activations' reach of the dequantized model's."""
+    model = quantize_int4_(copy.deepcopy(model_128), group_size=128)
+    linears = [m for m in model.modules() if isinstance(m, Int4Linear)]
+    assert len(linears) == 5 * model.config.num_hidden_layers and all(m.use_qwen_kernel for m in linears)
+    prompts = [tokenizer.encode(t) for t in ("The quick brown fox jumps over the lazy dog", "a b c d", "你好，世界")]
+    params = SamplingParams(max_new_tokens=8, do_sample=False)
+    alone = [Engine(model, tokenizer).generate([p], params)[0].output_ids for p in prompts]
+    for p, out in zip(prompts, alone, strict=True):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, repetition_penalty=1.0,
+                             eos_token_id=None)[0, len(p):].tolist()
+        assert out == ref
+    for compile in (False, True):
+        batch = Engine(model, tokenizer, compile=compile).generate(prompts, params)
+        assert [seq.output_ids for seq in batch] == alone
+    plain = dequantized_copy(model)
+    ids = torch.tensor([prompts[0] + alone[0]])
+    with torch.no_grad():
+        want = plain(ids).logits[0]
+        # One position at a time, as decoding runs: each Linear sees one row, so qwen's kernel runs.
+        cache = None
+        got = []
+        for i in range(ids.shape[1]):
+            out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            got.append(out.logits[0, -1])
+        got = torch.stack(got)
+    scale = want.abs().max()
+    assert (got - want).abs().max() < 0.02 * scale
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+def test_int4_lm_head_choice(model_128):
+    """--int4 makes the lm_head int8 by default (per-channel int8 is close to lossless, and it is the
+    largest single read of a decode step); lm_head="int4" and "keep" as asked."""
+    from qwen.quantize import Int8Linear
+
+    assert isinstance(quantize_int4_(copy.deepcopy(model_128)).lm_head, Int8Linear)
+    assert isinstance(quantize_int4_(copy.deepcopy(model_128), lm_head="int4").lm_head, Int4Linear)
+    assert type(quantize_int4_(copy.deepcopy(model_128), lm_head="keep").lm_head) is nn.Linear

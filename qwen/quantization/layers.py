@@ -9,8 +9,11 @@ with qwen's Triton kernel (``qwen/quantization/triton_int8.py``, up to 16 rows).
 dequantizes on the fly and runs one matmul.
 
 int4 (``Int4Linear``) keeps group-wise 4-bit weights (a scale and a zero point per group of input
-channels, as GPTQ's layout) packed for PyTorch's int4 kernels: on CUDA the tinygemm kernel
-(``_weight_int4pack_mm``, bf16 activations), on the CPU ``_weight_int4pack_mm_for_cpu``.
+channels, as GPTQ's layout). On the CPU, for groups of 128 or a multiple, qwen's own kernel
+(``qwen/csrc/int4_matvec.cpp``) decodes with integer dot products on int8-quantized activations
+(AVX-512 VNNI or AVX2), and a prefill dequantizes each weight for one matmul; other groups run
+PyTorch's ``_weight_int4pack_mm_for_cpu``. On CUDA the tinygemm kernel (``_weight_int4pack_mm``, bf16
+activations).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cpu_kernels import qwen_int8_kernel
+from ..cpu_kernels import qwen_int4_kernel, qwen_int8_kernel
 from . import triton_int8
 
 logger = logging.getLogger(__name__)
@@ -31,6 +34,9 @@ logger = logging.getLogger(__name__)
 # rows (a prefill) dequantizing the weight and running one matmul is faster (measured on a
 # 2048x5504 layer: 32 rows 5.7 vs 9.0 ms, 1024 rows 172 vs 27 ms).
 INT8_KERNEL_MAX_ROWS = 32
+# qwen's int4 kernel against dequantizing the weight for PyTorch's matmul, the same trade
+# (measured on the 1.8B layer shapes; see bench/int4_kernel.py).
+INT4_KERNEL_MAX_ROWS = 32
 
 Kernel = Literal["auto", "qwen", "torch"]
 
@@ -120,37 +126,57 @@ class Int4Linear(nn.Module):
     """A Linear layer with group-wise 4-bit weights (``group_size`` input channels per scale and zero).
 
     Built from a float ``nn.Linear`` (round-to-nearest) or from a GPTQ layer's unpacked values, on
-    the device it will run on: the packed layout differs between the CUDA and the CPU kernel, so a
-    layer refuses to run on the other device. Every call runs PyTorch's int4 kernel (on CUDA the
-    tinygemm kernel, which takes bf16 activations: others are converted for it)."""
+    the device it will run on: the packed layout differs between the kernels, so a layer refuses to
+    run on another device. ``kernel`` picks the CPU kernel: "qwen" (groups of a multiple of 128, an
+    AVX2 CPU and a compiler), "torch" (PyTorch's), or "auto" (qwen's where it applies). Buffers:
+    ``packed`` (the 4-bit values, half a byte each) and ``scale_and_offset`` in the kernel's form:
+    qwen's keeps (scale, scale * zero) per group in float32 [out, groups, 2]; PyTorch's
+    (scale, offset) [groups, out, 2] in the compute dtype (on CUDA the tinygemm kernel, which takes bf16
+    activations: others are converted for it)."""
 
     def __init__(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
-                 dtype: torch.dtype) -> None:
+                 dtype: torch.dtype, kernel: Kernel = "auto") -> None:
         super().__init__()
         self.out_features, self.in_features = q.shape
         self.group_size = self.in_features // scale.shape[1]
-        if self.group_size not in (32, 64, 128, 256) or self.in_features % 32 or self.out_features % 16:
+        self.packed_for = q.device.type
+        self.compute_dtype = torch.bfloat16 if q.is_cuda else dtype
+        group, width = self.group_size, self.in_features
+        fits_qwen = self.packed_for == "cpu" and group in (128, 256) and width % group == 0
+        self.use_qwen_kernel = kernel != "torch" and fits_qwen and qwen_int4_kernel() is not None
+        if not self.use_qwen_kernel and (
+            self.group_size not in (32, 64, 128, 256) or self.in_features % 32 or self.out_features % 16
+        ):
             raise ValueError(
                 f"int4 layers need 32, 64, 128 or 256 input channels per group, in_features divisible by 32 and "
                 f"out_features by 16; got {self.in_features} -> {self.out_features} with groups of {self.group_size}"
             )
-        self.packed_for = q.device.type
-        self.compute_dtype = torch.bfloat16 if q.is_cuda else dtype
-        # The kernels' form of the same weight: w = (q - 8) * scale + offset, offset = scale * (8 - zero).
-        scale_and_offset = torch.stack([scale.t(), (scale * (8 - zero)).t()], dim=-1).contiguous()
-        self.register_buffer("scale_and_offset", scale_and_offset.to(self.compute_dtype))  # [groups, out, 2]
-        tiles = _inner_k_tiles(self.in_features)
-        if q.is_cuda:
-            packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
+        if kernel == "qwen" and not self.use_qwen_kernel:
+            raise RuntimeError(
+                "kernel='qwen' needs a CPU layer with groups of 128 or 256 channels, an AVX2 CPU and a C++ toolchain "
+                "(see any warning above); use kernel='auto' to fall back to PyTorch's int4 kernel"
+            )
+        if self.use_qwen_kernel:
+            # Blocks of 128 channels, 64 bytes each: channel j in the low nibble of byte j, 64 + j in the high one.
+            blocks = q.reshape(self.out_features, -1, 2, 64)
+            packed = (blocks[:, :, 0] | blocks[:, :, 1] << 4).reshape(self.out_features, -1)
+            scale_and_offset = torch.stack([scale, scale * zero], dim=-1).float()  # [out, groups, 2]
         else:
-            packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), tiles)
-        self.register_buffer("packed", packed)
+            # The kernels' form of the same weight: w = (q - 8) * scale + offset, offset = scale * (8 - zero).
+            scale_and_offset = torch.stack([scale.t(), (scale * (8 - zero)).t()], dim=-1).to(self.compute_dtype)
+            tiles = _inner_k_tiles(self.in_features)
+            if q.is_cuda:
+                packed = torch._convert_weight_to_int4pack((q[:, ::2] << 4 | q[:, 1::2]).contiguous(), tiles)
+            else:
+                packed = torch._convert_weight_to_int4pack_for_cpu(q.to(torch.int32), tiles)
+        self.register_buffer("packed", packed.contiguous())
+        self.register_buffer("scale_and_offset", scale_and_offset.contiguous())
         self.bias = nn.Parameter(bias.detach().to(dtype), requires_grad=False) if bias is not None else None
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, group_size: int = 128) -> Int4Linear:
+    def from_linear(cls, linear: nn.Linear, group_size: int = 128, kernel: Kernel = "auto") -> Int4Linear:
         q, scale, zero = quantize_groups(linear.weight, 4, group_size)
-        return cls(q, scale, zero, linear.bias, linear.weight.dtype)
+        return cls(q, scale, zero, linear.bias, linear.weight.dtype, kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != self.packed_for:
@@ -158,9 +184,16 @@ class Int4Linear(nn.Module):
                 f"this int4 layer was packed for {self.packed_for} and cannot run on {x.device.type}: "
                 f"move the model to {x.device.type} first, then quantize it"
             )
-        flat = x.reshape(-1, self.in_features).to(self.compute_dtype).contiguous()
-        kernel = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
-        out = kernel(flat, self.packed, self.group_size, self.scale_and_offset).to(x.dtype)
+        flat = x.reshape(-1, self.in_features)
+        if not self.use_qwen_kernel:
+            kernel = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
+            out = kernel(flat.to(self.compute_dtype).contiguous(), self.packed, self.group_size,
+                         self.scale_and_offset).to(x.dtype)
+        elif flat.shape[0] <= INT4_KERNEL_MAX_ROWS:
+            out = torch.ops.qwen.int4_matmul(flat, self.packed, self.scale_and_offset, self.group_size)
+        else:
+            weight = torch.ops.qwen.int4_dequantize(self.packed, self.scale_and_offset, self.group_size, x.dtype)
+            out = F.linear(flat, weight)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
@@ -182,13 +215,26 @@ def quantize_int8_(model: nn.Module, include_lm_head: bool = True, kernel: Kerne
     return _replace_linears(model, lambda linear: Int8Linear(linear, kernel), include_lm_head)
 
 
-def quantize_int4_(model: nn.Module, group_size: int = 128, include_lm_head: bool = False) -> nn.Module:
-    """Replace the model's Linear layers by ``Int4Linear`` in place and return the model. The lm_head
-    stays in 16 bits by default, as in GPTQ's int4 folders: it is the layer 4 bits hurt most. A layer
-    whose width ``group_size`` does not divide (only tiny test models) gets the largest group that does."""
+LmHead = Literal["int8", "int4", "keep"]
+
+
+def quantize_int4_(model: nn.Module, group_size: int = 128, lm_head: LmHead = "int8") -> nn.Module:
+    """Replace the model's Linear layers by ``Int4Linear`` in place and return the model. A layer whose
+    width ``group_size`` does not divide (only tiny test models) gets the largest group that does.
+
+    The lm_head is the layer 4 bits hurt most and, for the small models, the largest read of a decode
+    step (Qwen-1.8B's is 0.6 GB of bf16 against 0.7 GB for all its int4 blocks): ``lm_head="int8"``
+    (the default) stores it per-channel int8, close to lossless at half the bytes; "int4" in groups
+    like the rest; "keep" leaves it as it is (GPTQ's int4 folders keep it in 16 bits)."""
 
     def make(linear: nn.Linear) -> Int4Linear:
         group = next((g for g in (group_size, 128, 64, 32) if g <= group_size and linear.in_features % g == 0), 32)
         return Int4Linear.from_linear(linear, group)
 
-    return _replace_linears(model, make, include_lm_head)
+    if lm_head not in ("int8", "int4", "keep"):
+        raise ValueError(f"lm_head must be 'int8', 'int4' or 'keep', not {lm_head!r}")
+    _replace_linears(model, make, include_lm_head=False)
+    head = getattr(model, "lm_head", None)
+    if isinstance(head, nn.Linear) and lm_head != "keep":
+        model.lm_head = Int8Linear(head) if lm_head == "int8" else make(head)
+    return model
