@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -257,3 +260,45 @@ def test_int4_lm_head_choice(model_128):
     assert isinstance(quantize_int4_(copy.deepcopy(model_128)).lm_head, Int8Linear)
     assert isinstance(quantize_int4_(copy.deepcopy(model_128), lm_head="int4").lm_head, Int4Linear)
     assert type(quantize_int4_(copy.deepcopy(model_128), lm_head="keep").lm_head) is nn.Linear
+
+
+FALLBACK = """
+import torch
+from qwen.cpu_kernels import qwen_int4_kernel
+from qwen.quantize import Int4Linear, dequantize_groups, quantize_groups
+print("kernel", qwen_int4_kernel())
+linear = torch.nn.Linear(256, 32)
+layer = Int4Linear.from_linear(linear, 128)
+x = torch.randn(2, 256)
+expected = x @ dequantize_groups(*quantize_groups(linear.weight, 4, 128)).T + linear.bias
+print("qwen kernel used", layer.use_qwen_kernel, "close", torch.allclose(layer(x), expected, atol=1e-4))
+"""
+
+
+def run_python(code: str, tmp_path, **env: str) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter (a kernel is loaded once per process) with a clean build folder."""
+    full_env = {k: v for k, v in os.environ.items() if k != "QWEN_INT4_KERNEL"}
+    full_env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "build"), **env)
+    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300)
+
+
+@needs_kernel
+def test_a_failed_build_warns_and_falls_back_to_torchs_kernel(tmp_path):
+    done = run_python(FALLBACK, tmp_path, CXX=str(tmp_path / "no-such-compiler"))
+    assert done.returncode == 0, done.stderr
+    assert "kernel None" in done.stdout and "qwen kernel used False close True" in done.stdout
+    assert "could not build qwen's int4 CPU kernel" in done.stderr and "no-such-compiler" in done.stderr
+
+
+def test_env_var_selects_torchs_kernel_and_qwen_kernel_request_fails_clearly(tmp_path):
+    code = FALLBACK + """
+try:
+    Int4Linear.from_linear(torch.nn.Linear(256, 32), 128, kernel="qwen")
+except RuntimeError as exc:
+    print("error:", exc)
+"""
+    done = run_python(code, tmp_path, QWEN_INT4_KERNEL="torch")
+    assert done.returncode == 0, done.stderr
+    assert "kernel None" in done.stdout and "qwen kernel used False close True" in done.stdout
+    assert "error: kernel='qwen' needs a CPU layer with groups of 128 or 256" in done.stdout
+    assert not (tmp_path / "build").exists()  # nothing was compiled
