@@ -4,7 +4,8 @@
     python bench/quant.py --hidden 1024 --layers 8  # blocks a larger share of the weights (~10 min)
 
 Rows: fp32; bf16; int8 weight-only (round-to-nearest per output channel, every Linear incl. lm_head,
-``quantize_int8_``); int4 weight-only (``quantize_int4_``: groups of 128, blocks only); GPTQ int8
+``quantize_int8_``); int4 weight-only (``quantize_int4_``: groups of 128 on qwen's kernel with the
+lm_head int8 as ``--int4`` does on a CPU, or kept in bf16; groups of 32 on PyTorch's kernel); GPTQ int8
 and int4 folders written by run_gptq's code (qwen.quantization.gptq_quantizer) and loaded with the
 ``dequant`` backend (bf16 weights), the ``int8`` backend (Int8Linear blocks, lm_head bf16 as stored)
 and, for int4, the ``int4`` backend (Int4Linear blocks). Each row runs in a fresh child process so
@@ -40,7 +41,9 @@ ROWS = {
     "fp32": ("fp32", "float32", None, None),
     "bf16": ("bf16", "bfloat16", None, None),
     "int8 weight-only (RTN)": ("bf16", "bfloat16", None, "int8"),
-    "int4 weight-only (RTN, groups of 128)": ("bf16", "bfloat16", None, "int4"),
+    "int4 weight-only (RTN, groups of 128, int8 lm_head: `--int4`)": ("bf16", "bfloat16", None, "int4"),
+    "int4 weight-only (RTN, groups of 128, bf16 lm_head)": ("bf16", "bfloat16", None, "int4-keep"),
+    "int4 weight-only (RTN, groups of 32, int8 lm_head; PyTorch's kernel)": ("bf16", "bfloat16", None, "int4-g32"),
     "GPTQ int8, dequant": ("gptq8", "bfloat16", "dequant", None),
     "GPTQ int8, int8 backend": ("gptq8", "bfloat16", "int8", None),
     "GPTQ int4, dequant": ("gptq4", "bfloat16", "dequant", None),
@@ -73,7 +76,13 @@ def load(work: Path, name: str):
     folder, dtype, backend, after = ROWS[name]
     kwargs = {"gptq_backend": backend} if backend else {}
     model = AutoModelForCausalLM.from_pretrained(work / folder, dtype=getattr(torch, dtype), **kwargs).eval()
-    return {"int8": quantize_int8_, "int4": quantize_int4_, None: lambda m: m}[after](model)
+    return {
+        "int8": quantize_int8_,
+        "int4": quantize_int4_,
+        "int4-keep": lambda m: quantize_int4_(m, lm_head="keep"),
+        "int4-g32": lambda m: quantize_int4_(m, group_size=32),
+        None: lambda m: m,
+    }[after](model)
 
 
 def generate_seconds(model, prompt: torch.Tensor, n: int) -> float:

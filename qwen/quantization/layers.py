@@ -6,10 +6,14 @@ round-to-nearest). For a few rows of activations (decoding) the layer multiplies
 directly: on the CPU with qwen's own AVX-512 kernel (``qwen/csrc/int8_matvec.cpp``, compiled once
 per machine on first use) or, where that cannot be built, PyTorch's ``_weight_int8pack_mm``; on CUDA
 with qwen's Triton kernel (``qwen/quantization/triton_int8.py``, up to 16 rows). For many rows (a prefill) it
-dequantizes on the fly and runs one matmul.
+dequantizes on the fly and runs one matmul. On CPUs with AVX-512 VNNI qwen's kernel also quantizes the
+activations to int8 (one scale per 128 input channels, so an outlier channel coarsens only its block;
+under about 1.5% of the largest output on random data) and multiplies with integer dot products: a
+Qwen-1.8B-shape decode at batch 8 ran 1.65-2.06x bf16's speed on a 2-core Xeon (0.7-0.9x before).
+``QWEN_INT8_VNNI=0`` keeps the exact fp32 product.
 
 int4 (``Int4Linear``) keeps group-wise 4-bit weights (a scale and a zero point per group of input
-channels, as GPTQ's layout). On the CPU, for groups of 128 or a multiple, qwen's own kernel
+channels, as GPTQ's layout). On the CPU, for groups of 128 or 256, qwen's own kernel
 (``qwen/csrc/int4_matvec.cpp``) decodes with integer dot products on int8-quantized activations
 (AVX-512 VNNI or AVX2), and a prefill dequantizes each weight for one matmul; other groups run
 PyTorch's ``_weight_int4pack_mm_for_cpu``. On CUDA the tinygemm kernel (``_weight_int4pack_mm``, bf16
