@@ -111,6 +111,9 @@ def qwen_int4_kernel():
         return None
     torch.library.register_fake("qwen::int4_matmul")(
         lambda x, packed, scale_zero, group_size, avx2=False: x.new_empty(x.shape[0], packed.shape[0]))
+    torch.library.register_fake("qwen::int4_dequantize")(
+        lambda packed, scale_zero, group_size, dtype: packed.new_empty(packed.shape[0], 2 * packed.shape[1],
+                                                                       dtype=dtype))
     return torch.ops.qwen.int4_matmul
 
 

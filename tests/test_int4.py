@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
+from test_int8_kernel import run_python  # tests/ is on sys.path
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -273,13 +271,6 @@ x = torch.randn(2, 256)
 expected = x @ dequantize_groups(*quantize_groups(linear.weight, 4, 128)).T + linear.bias
 print("qwen kernel used", layer.use_qwen_kernel, "close", torch.allclose(layer(x), expected, atol=1e-4))
 """
-
-
-def run_python(code: str, tmp_path, **env: str) -> subprocess.CompletedProcess:
-    """Run code in a fresh interpreter (a kernel is loaded once per process) with a clean build folder."""
-    full_env = {k: v for k, v in os.environ.items() if k != "QWEN_INT4_KERNEL"}
-    full_env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "build"), **env)
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300)
 
 
 @needs_kernel

@@ -305,14 +305,17 @@ QWEN_AVX2 void dequantize_row(const uint8_t* w, const float* sz, int64_t K, int 
   }
 }
 
-// The float weight [N, K] in `dtype` (float32 or bfloat16; others via float32), for a prefill's matmul.
-at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group_size,
-                           at::ScalarType dtype) {
+// The float weight [N, K] written into `out` (contiguous float32 or bfloat16), for a prefill's matmul.
+// A caller that reuses `out` spares the page faults of a fresh allocation: past 32 MB glibc maps and
+// unmaps each one, and touching 45 MB of new pages took longer than the dequantization itself.
+void int4_dequantize_into(const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group_size,
+                          const at::Tensor& out) {
   const int64_t N = packed.size(0), K = packed.size(1) * 2;
   check(packed, scale_zero, K, group_size, "int4_dequantize");
   TORCH_CHECK(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"), "int4_dequantize: this CPU has no AVX2");
-  const bool bf16 = dtype == at::kBFloat16;
-  at::Tensor out = at::empty({N, K}, packed.options().dtype(bf16 ? at::kBFloat16 : at::kFloat));
+  const bool bf16 = out.scalar_type() == at::kBFloat16;
+  TORCH_CHECK((bf16 || out.scalar_type() == at::kFloat) && out.is_contiguous() && out.numel() == N * K,
+              "int4_dequantize: out must be a contiguous float32 or bfloat16 tensor of ", N * K, " elements");
   const uint8_t* wp = packed.data_ptr<uint8_t>();
   const float* sp = scale_zero.data_ptr<float>();
   const int64_t groups = K / group_size;
@@ -325,19 +328,30 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale_zer
                      o16 ? o16 + n * K : nullptr);
     }
   });
-  return out.scalar_type() == dtype ? out : out.to(dtype);
+}
+
+// The same in a new tensor of `dtype` (float32 or bfloat16; others via float32).
+at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale_zero, int64_t group_size,
+                           at::ScalarType dtype) {
+  const at::ScalarType made = dtype == at::kBFloat16 ? at::kBFloat16 : at::kFloat;
+  at::Tensor out = at::empty({packed.size(0), packed.size(1) * 2}, packed.options().dtype(made));
+  int4_dequantize_into(packed, scale_zero, group_size, out);
+  return made == dtype ? out : out.to(dtype);
 }
 
 }  // namespace
 
 // torch.ops.qwen.int4_matmul(x, packed, scale_zero, group_size, avx2=False): x @ w.T for the 4-bit w
 // above, with x quantized to int8 per 128 channels; avx2=True runs the AVX2 kernel on an AVX-512 CPU
-// (for tests). torch.ops.qwen.int4_dequantize(packed, scale_zero, group_size, dtype): w itself.
+// (for tests). torch.ops.qwen.int4_dequantize(packed, scale_zero, group_size, dtype): w itself;
+// int4_dequantize_into(packed, scale_zero, group_size, out): w written into out.
 TORCH_LIBRARY_FRAGMENT(qwen, m) {
   m.def("int4_matmul(Tensor x, Tensor packed, Tensor scale_zero, int group_size, bool avx2=False) -> Tensor");
   m.def("int4_dequantize(Tensor packed, Tensor scale_zero, int group_size, ScalarType dtype) -> Tensor");
+  m.def("int4_dequantize_into(Tensor packed, Tensor scale_zero, int group_size, Tensor(a!) out) -> ()");
 }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) {
   m.impl("int4_matmul", &int4_matmul);
   m.impl("int4_dequantize", &int4_dequantize);
+  m.impl("int4_dequantize_into", &int4_dequantize_into);
 }

@@ -23,6 +23,7 @@ activations).
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Literal
 
 import torch
@@ -38,9 +39,10 @@ logger = logging.getLogger(__name__)
 # rows (a prefill) dequantizing the weight and running one matmul is faster (measured on a
 # 2048x5504 layer: 32 rows 5.7 vs 9.0 ms, 1024 rows 172 vs 27 ms).
 INT8_KERNEL_MAX_ROWS = 32
-# qwen's int4 kernel against dequantizing the weight for PyTorch's matmul, the same trade
-# (measured on the 1.8B layer shapes; see bench/int4_kernel.py).
-INT4_KERNEL_MAX_ROWS = 32
+# qwen's int4 kernel against dequantizing the weight for PyTorch's matmul, the same trade: over the
+# 1.8B layer shapes (bench/int4_kernel.py, 2-core Xeon with AMX) the kernel was 2.4-3x faster at 8 rows,
+# dequantize + matmul 1.1-1.5x faster at 32.
+INT4_KERNEL_MAX_ROWS = 16
 
 Kernel = Literal["auto", "qwen", "torch"]
 
@@ -195,11 +197,27 @@ class Int4Linear(nn.Module):
                          self.scale_and_offset).to(x.dtype)
         elif flat.shape[0] <= INT4_KERNEL_MAX_ROWS:
             out = torch.ops.qwen.int4_matmul(flat, self.packed, self.scale_and_offset, self.group_size)
+        elif x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling():
+            weight = _scratch(self.out_features * self.in_features, x.dtype).view(self.out_features, -1)
+            torch.ops.qwen.int4_dequantize_into(self.packed, self.scale_and_offset, self.group_size, weight)
+            out = F.linear(flat, weight)
         else:
             weight = torch.ops.qwen.int4_dequantize(self.packed, self.scale_and_offset, self.group_size, x.dtype)
             out = F.linear(flat, weight)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
+
+
+_scratch_buffers = threading.local()
+
+
+def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """A buffer of at least ``numel`` elements, reused by every int4 layer's prefill on this thread: a
+    fresh allocation of a large weight costs more in page faults than dequantizing into it."""
+    buffer = getattr(_scratch_buffers, "tensor", None)
+    if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
+        buffer = _scratch_buffers.tensor = torch.empty(numel, dtype=dtype)
+    return buffer[:numel]
 
 
 def _replace_linears(model: nn.Module, make, include_lm_head: bool) -> nn.Module:
