@@ -16,11 +16,9 @@ and the kernels take turns for ``--rounds`` rounds, keeping their best. GB/s is 
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 import torch.nn.functional as F
-from int8_kernel import POOL_BYTES, SHAPES, best_time, rotating  # bench/ is on sys.path
+from int8_kernel import POOL_BYTES, SHAPES, best_time, parse_args, print_header, rotating  # bench/ on sys.path
 
 from qwen.cpu_kernels import qwen_int4_kernel
 
@@ -29,19 +27,10 @@ KERNELS = ["qwen int4", "qwen dequant + matmul", "torch int4", "torch bf16"]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--shapes", type=int, nargs="+", default=range(len(SHAPES)),
-                        help="which of the shapes (indices into " + str(SHAPES) + ")")
-    parser.add_argument("--rounds", type=int, default=3, help="turns each kernel takes; its best is kept")
-    parser.add_argument("--seconds", type=float, default=0.1, help="time per kernel per turn")
-    args = parser.parse_args()
+    args = parse_args(__doc__, [1, 2, 4, 8, 16, 32, 64])
     op = qwen_int4_kernel()
     assert op is not None, "qwen's int4 kernel is unavailable here (no AVX2 or no compiler)"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.rounds} rounds\n")
-    cols = [f"{k} {unit}" for k in KERNELS for unit in ("µs", "GB/s")] + ["qwen / torch int4", "qwen / bf16"]
-    print("| rows | N x K | " + " | ".join(cols) + " |")
-    print("|---|---|" + "---:|" * len(cols))
+    print_header(KERNELS, ["qwen / torch int4", "qwen / bf16"], args.rounds)
     g = torch.Generator().manual_seed(0)
     for n, k in (SHAPES[i] for i in args.shapes):
         int4_bytes = n * k // 2 + n * (k // GROUP) * 8

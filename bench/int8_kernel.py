@@ -59,20 +59,30 @@ def rotating(kernel: Callable[[torch.Tensor], object], weights: torch.Tensor, vn
     return run
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32])
+def parse_args(doc: str, rows: list[int]) -> argparse.Namespace:
+    """The options both kernel benches take (this one and bench/int4_kernel.py)."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, nargs="+", default=rows)
     parser.add_argument("--shapes", type=int, nargs="+", default=range(len(SHAPES)),
                         help="which of the shapes (indices into " + str(SHAPES) + ")")
     parser.add_argument("--rounds", type=int, default=3, help="turns each kernel takes; its best is kept")
     parser.add_argument("--seconds", type=float, default=0.1, help="time per kernel per turn")
-    args = parser.parse_args()
-    op = qwen_int8_kernel()
-    assert op is not None, "qwen's int8 kernel is unavailable here (no AVX-512 or no compiler)"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {args.rounds} rounds\n")
-    cols = [f"{k} {unit}" for k in KERNELS for unit in ("µs", "GB/s")] + ["vnni / float", "vnni / bf16"]
+    return parser.parse_args()
+
+
+def print_header(kernels: list[str], ratios: list[str], rounds: int) -> None:
+    """The run's settings and the table's header: µs and GB/s per kernel, then the ratios."""
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, best of {rounds} rounds\n")
+    cols = [f"{k} {unit}" for k in kernels for unit in ("µs", "GB/s")] + ratios
     print("| rows | N x K | " + " | ".join(cols) + " |")
     print("|---|---|" + "---:|" * len(cols))
+
+
+def main() -> None:
+    args = parse_args(__doc__, [1, 2, 4, 8, 16, 32])
+    op = qwen_int8_kernel()
+    assert op is not None, "qwen's int8 kernel is unavailable here (no AVX-512 or no compiler)"
+    print_header(KERNELS, ["vnni / float", "vnni / bf16"], args.rounds)
     g = torch.Generator().manual_seed(0)
     for n, k in (SHAPES[i] for i in args.shapes):
         copies = -(-POOL_BYTES // (n * k))
