@@ -116,6 +116,19 @@ def test_qwen_kernel_matches_its_float64_model(kernel, avx2, dtype):
                     assert (got[-1] == 0).all()
 
 
+@pytest.mark.parametrize("avx2", [False, True])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_qwen_kernel_propagates_non_finite_activations(kernel, avx2, bad):
+    """A NaN or inf activation makes its row's outputs non-finite, as the float product would, and
+    leaves the other rows alone (the int8 scale of its block would otherwise swallow it)."""
+    layer = Int4Linear.from_linear(nn.Linear(256, 32), 128, kernel="qwen")
+    x = torch.randn(3, 256)
+    x[1, 200] = bad
+    got = kernel(x, layer.packed, layer.scale_and_offset, 128, avx2)
+    assert not got[1].isfinite().any() and got[[0, 2]].isfinite().all()
+    torch.testing.assert_close(got[[0, 2]], kernel(x[[0, 2]], layer.packed, layer.scale_and_offset, 128, avx2))
+
+
 def test_qwen_kernel_avx2_equals_avx512(kernel):
     g = torch.Generator().manual_seed(3)
     layer = Int4Linear.from_linear(nn.Linear(640, 48), 128, kernel="qwen")

@@ -62,11 +62,20 @@ QWEN_AVX2 Acts quantize_rows(const float* x, int64_t M, int64_t K) {
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
   for (int64_t mb = 0; mb < M * a.B; ++mb) {  // block mb of the [M, K] activations
     const float* xb = x + mb * kBlock;
-    __m256 vmax = _mm256_setzero_ps();
-    for (int64_t i = 0; i < kBlock; i += 8) vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, _mm256_loadu_ps(xb + i)));
+    __m256 vmax = _mm256_setzero_ps(), probe = _mm256_setzero_ps();
+    for (int64_t i = 0; i < kBlock; i += 8) {
+      const __m256 v = _mm256_loadu_ps(xb + i);
+      vmax = _mm256_max_ps(vmax, _mm256_andnot_ps(sign, v));
+      probe = _mm256_add_ps(probe, _mm256_mul_ps(v, _mm256_setzero_ps()));  // x * 0: NaN for an inf or NaN x
+    }
     __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(vmax), _mm256_extractf128_ps(vmax, 1));
     m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
     const float amax = _mm_cvtss_f32(_mm_max_ss(m4, _mm_movehdup_ps(m4)));
+    // max drops a NaN, so the probe carries it: a non-finite activation makes its block's scale NaN and
+    // every output of its row NaN, as the float product would be, never finite.
+    __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(probe), _mm256_extractf128_ps(probe, 1));
+    p4 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
+    const float nan_or_zero = _mm_cvtss_f32(_mm_add_ss(p4, _mm_movehdup_ps(p4)));
     const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
     __m256i sum = _mm256_setzero_si256();
     for (int64_t i = 0; i < kBlock; i += 32) {
@@ -82,8 +91,8 @@ QWEN_AVX2 Acts quantize_rows(const float* x, int64_t M, int64_t K) {
     __m128i s4 = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0x4E));
     s4 = _mm_add_epi32(s4, _mm_shuffle_epi32(s4, 0xB1));
-    a.scale[mb] = amax / 127.f;
-    a.qsum[mb] = amax / 127.f * static_cast<float>(_mm_cvtsi128_si32(s4));
+    a.scale[mb] = amax / 127.f + nan_or_zero;
+    a.qsum[mb] = a.scale[mb] * static_cast<float>(_mm_cvtsi128_si32(s4));
   }
   return a;
 }
