@@ -239,7 +239,7 @@ def test_lora_script_memorises_then_merges_and_chats(trainable_chat, qa_data, tm
     out = tmp_path / "lora"
     proc = run(
         ["bash", FT / "finetune_lora_single_gpu.sh", "-m", trainable_chat, "-d", qa_data, "--output_dir", out,
-         *MEMORISE, "--max_steps", "40", "--learning_rate", "2e-2",
+         *MEMORISE, "--max_steps", "60", "--learning_rate", "2e-2",
          "--eval_data_path", qa_data, "--eval_strategy", "steps", "--eval_steps", "15"],
         cwd=tmp_path,
     )
