@@ -1,7 +1,7 @@
 """qwen's own CPU kernels (``qwen/csrc``): built on first use, once per machine, and their layers.
 
 Decoding reads every weight once per token, so on a CPU its speed is the bandwidth at which a
-kernel streams the weights. Two kernels do that better than PyTorch's on AVX-512 CPUs:
+kernel streams the weights. Three kernels do that better than PyTorch's on AVX-512 (int4: also AVX2) CPUs:
 
 * ``torch.ops.qwen.int8_matmul`` (``int8_matvec.cpp``): int8 weight-only layers (``qwen.quantize``);
 * ``torch.ops.qwen.int4_matmul`` (``int4_matvec.cpp``): group-wise int4 layers, with activations
