@@ -57,6 +57,12 @@ if [[ "$GPUS_PER_NODE" -eq 0 ]]; then
     ON_CPU=1
     GPUS_PER_NODE=1
     DEVICE_ARGS=(--use_cpu True)
+    # One thread per physical core, as accelerate would choose, said here so that it does not warn that it chose.
+    if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
+        OMP_NUM_THREADS=$("$PYTHON" -c 'import os, psutil; print(psutil.cpu_count(logical=False) or os.cpu_count())' \
+                          2>/dev/null) || OMP_NUM_THREADS=$(nproc)
+        export OMP_NUM_THREADS
+    fi
     echo "note: no GPU found: training on the CPU in fp32 (--use_cpu True, one process per node)." \
          "Fine for tiny models and tests, far too slow for real ones." >&2
 else

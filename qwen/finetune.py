@@ -28,6 +28,7 @@ import torch
 import transformers
 
 from .finetune_data import DataError, make_supervised_data_module
+from .library_notices import quiet_fine_tuning_notices
 
 RECORD_FILE = "qwen_finetune.json"  # what finetune.py wrote into an output folder: method, base, quantization
 REMOTE_CODE_SUFFIXES = (".py", ".cu", ".cpp")
@@ -37,23 +38,7 @@ class FinetuneError(RuntimeError):
     """A setting or input that cannot work; the message says why and what to do instead."""
 
 
-class _NoKernelsPackageNotice(logging.Filter):
-    """Drops bitsandbytes' "Failed to load CPU gemm_4bit_forward from kernels-community: No module named
-    'kernels'", logged whenever bitsandbytes is imported on a CPU with AVX512-BF16 (transformers' Trainer and
-    peft import it, so every fine-tune and merge printed it). ``kernels`` is an optional package that would
-    fetch a faster 4-bit CPU kernel from the Hub; without it bitsandbytes uses its own bundled kernel, so
-    nothing is wrong. Only that case is dropped: if ``kernels`` is installed and still fails, the warning stays.
-    """
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.args[0] if isinstance(record.args, tuple) and record.args else None
-        return not (
-            str(record.msg).startswith("Failed to load CPU gemm_4bit_forward from kernels-community")
-            and isinstance(error, ModuleNotFoundError) and error.name == "kernels"
-        )
-
-
-logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_NoKernelsPackageNotice())
+quiet_fine_tuning_notices()  # before transformers' Trainer and peft import bitsandbytes and DeepSpeed
 
 
 @dataclass
@@ -282,15 +267,16 @@ def load_model(model_args: ModelArguments, training_args: TrainingArguments, lor
         modules_to_save=modules_to_save,
     )
     if lora_args.q_lora:
-        checkpointing = bool(training_args.gradient_checkpointing)
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+        # Freezing and casting only: the Trainer turns activation checkpointing on itself, under its new name
+        # (peft would call the deprecated gradient_checkpointing_enable, which warns on every run).
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if lora_args.lora_weight_path:
         model = PeftModel.from_pretrained(model, lora_args.lora_weight_path, is_trainable=True)
     else:
         model = get_peft_model(model, lora_config)
     if training_args.process_index == 0:
         model.print_trainable_parameters()
-    if training_args.gradient_checkpointing:
+    if training_args.activation_checkpointing:
         model.enable_input_require_grads()
     return model
 

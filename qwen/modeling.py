@@ -369,6 +369,13 @@ class QWenPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
 
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        """Whether any layer recomputes activations in the backward pass. transformers 5.25 deprecated this
+        name with a FutureWarning on every read, and peft (0.21) reads it whenever it wraps a model, so
+        every LoRA fine-tune printed it; the same answer, computed here, says nothing."""
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -83,6 +84,18 @@ def run(cmd: list, cwd: Path, timeout: int = 600, check: bool = True, **env: str
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd[:3]} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+# What a fine-tune or merge may print on stderr: our CPU note and progress bars. Anything else that warns,
+# fails or announces a deprecation is a notice the user would have to wonder about.
+EXPECTED_STDERR = re.compile(r"note: no GPU found|(Loading weights|Writing model shards)\b.*it/s\]$")
+ALARMING = re.compile(r"(?i)warn|fail|deprecat|error|traceback|untrusted")
+
+
+def assert_no_notices(stderr: str) -> None:
+    lines = [line for line in stderr.replace("\r", "\n").splitlines() if line.strip()]
+    alarming = [line for line in lines if not EXPECTED_STDERR.search(line) and ALARMING.search(line)]
+    assert not alarming, "\n".join(alarming)
 
 
 def losses(output_dir: Path) -> list[float]:
@@ -245,6 +258,7 @@ def test_lora_script_memorises_then_merges_and_chats(trainable_chat, qa_data, tm
     )
     if not torch.cuda.is_available():
         assert "no GPU found" in proc.stderr
+    assert_no_notices(proc.stderr)
     assert "truncation: 0 of 3 train samples" in proc.stdout
     assert_loss_fell(out)
     state = json.loads((out / "trainer_state.json").read_text())
@@ -256,7 +270,8 @@ def test_lora_script_memorises_then_merges_and_chats(trainable_chat, qa_data, tm
     assert json.loads((out / "adapter_config.json").read_text())["modules_to_save"] is None
 
     merged = tmp_path / "merged"
-    run([sys.executable, FT / "merge_lora.py", out, merged, "--max-shard-size", "30MB"], cwd=tmp_path)
+    assert_no_notices(run([sys.executable, FT / "merge_lora.py", out, merged, "--max-shard-size", "30MB"],
+                          cwd=tmp_path).stderr)
     assert (merged / "model.safetensors.index.json").is_file() and len(list(merged.glob("model-*.safetensors"))) > 1
     assert_memorised(merged)
 
@@ -290,10 +305,14 @@ def test_qlora_nf4_script_memorises(trainable_chat, qa_data, tmp_path):
     out = tmp_path / "qlora"
     proc = run(
         ["bash", FT / "finetune_qlora_single_gpu.sh", "-m", trainable_chat, "-d", qa_data, "--output_dir", out,
-         *MEMORISE, "--max_steps", "40", "--learning_rate", "2e-2"],
+         *MEMORISE, "--max_steps", "40", "--learning_rate", "2e-2",
+         # As the script's defaults: activation checkpointing, and accumulation (2 batches of 2 hold the 3 samples)
+         "--gradient_checkpointing", "True", "--per_device_train_batch_size", "2",
+         "--gradient_accumulation_steps", "2"],
         cwd=tmp_path, GPUS_PER_NODE="0",
     )
     assert "DeepSpeed ZeRO-2 on 1 process(es)" in proc.stdout
+    assert_no_notices(proc.stderr)
     assert json.loads((out / "qwen_finetune.json").read_text())["quantization"] == "nf4"
     assert_loss_fell(out)
     # The adapter answers on the 4-bit model it was trained on.
