@@ -1,6 +1,8 @@
 """Terminal chat with an original Qwen v1 checkpoint: python cli_demo.py -c FOLDER (or --demo)."""
 
-from qwen.apps.cli import main
+QWEN_DEFER_IMPORTS = True  # parse the command line (--help answers at once) before importing torch
+
+from qwen.apps.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

@@ -5,6 +5,7 @@ set -euo pipefail
 
 KIND=web
 NAME=qwen-web
+DEFAULT_PORT=7860  # web_demo.py's own default (gradio's), so it never meets the API server on 8000
 usage() {
     cat <<'USAGE'
 Usage: bash docker/docker_web_demo.sh [-i IMAGE] (-c CHECKPOINT | --demo) [--port PORT] [options] [-- web_demo.py flags]
@@ -15,7 +16,7 @@ Start the web demo (web_demo.py, gradio) in a background container.
                         pulled when it is not here
   -c, --checkpoint DIR  original Qwen v1 checkpoint folder, mounted read-only
   --demo                a tiny random model made inside the container (no checkpoint; random replies)
-  --port PORT           host port (default: 8000)
+  --port PORT           host port (default: 7860)
   --listen ADDR         host address to publish on (default: 127.0.0.1; 0.0.0.0 for the network)
   --int8                int8 weight-only Linear layers (faster on CPU)
   --cpu-only            no GPU, even if one is present

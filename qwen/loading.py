@@ -105,11 +105,12 @@ def load_model(path: str | Path, args: argparse.Namespace):
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    import qwen  # noqa: F401  (registers the Qwen classes)
+    from qwen import register_auto_classes
     from qwen.config import window_schedule
     from qwen.quantization import find_gptq_config, quantize_int4_, quantize_int8_
 
     path = checkpoint_folder(path)
+    register_auto_classes()  # a front end that deferred `import qwen`'s imports (see qwen/__init__.py)
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {}

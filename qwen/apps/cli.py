@@ -17,8 +17,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from ..chat import sampling_settings
 from ..loading import add_model_args, front_end_checkpoint, load_model
+from . import sampling_settings
 
 HELP = """Commands:
   :help / :h                 show this help

@@ -9,8 +9,9 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from ..chat import sampling_settings
 from ..loading import add_model_args, front_end_checkpoint, load_model
+from ..ports import WEB_PORT, port_number, port_problem
+from . import sampling_settings
 
 DEFAULT_SYSTEM = "You are a helpful assistant."
 
@@ -20,8 +21,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-c", "--checkpoint-path", help="original Qwen checkpoint folder")
     p.add_argument("--share", action="store_true", help="create a public gradio link")
     p.add_argument("--inbrowser", action="store_true", help="open a browser tab")
-    p.add_argument("--server-port", type=int, default=8000)
-    p.add_argument("--server-name", default="127.0.0.1")
+    p.add_argument("--server-port", type=port_number, default=WEB_PORT,
+                   help="port to listen on (default: %(default)s; the API server's is 8000)")
+    p.add_argument("--server-name", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--demo", action="store_true", help="use a tiny random checkpoint (replies are random text)")
     add_model_args(p)
     return p.parse_args(argv)
@@ -122,6 +124,8 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if problem := port_problem(args.server_name, args.server_port):
+        sys.exit(problem)  # before the model loads, which can take minutes
     with front_end_checkpoint(args) as (path, is_demo):
         title = "Qwen demo (tiny random model: replies are random text)" if is_demo else "Qwen"
         if is_demo:
@@ -131,6 +135,9 @@ def main(argv: list[str] | None = None) -> None:
         except (OSError, ValueError) as exc:
             sys.exit(f"error: cannot load {path}: {exc}")
         demo = build_ui(model, tokenizer, title)
-        demo.queue(default_concurrency_limit=4).launch(
-            server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser
-        )
+        try:
+            demo.queue(default_concurrency_limit=4).launch(
+                server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser
+            )
+        except OSError as exc:  # the port was taken while the model loaded: gradio's message names its own knobs
+            sys.exit(port_problem(args.server_name, args.server_port) or f"error: the web server did not start: {exc}")

@@ -8,22 +8,25 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
-from ..loading import CheckpointNotFoundError, add_model_args, checkpoint_folder, load_model, positive_int
+from ..loading import DEMO_NAME, add_model_args, front_end_checkpoint, load_model, positive_int
+from ..ports import API_PORT, port_number, port_problem
 
 NO_CHECKPOINT = """error: no checkpoint given. Pass -c/--checkpoint-path with an original Qwen v1 folder
 (e.g. a downloaded Qwen-7B-Chat: config.json, model*.safetensors, qwen.tiktoken, ...).
-To try the server without one, make a tiny random checkpoint (its replies are random text):
-    python -m qwen.tiny ./tiny-qwen && python openai_api.py -c ./tiny-qwen"""
+To try the server without one, --demo serves a tiny random model (its replies are random text)."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="openai_api.py", description="OpenAI-compatible API for a Qwen v1 checkpoint")
     p.add_argument("-c", "--checkpoint-path", help="original Qwen checkpoint folder")
+    p.add_argument("--demo", action="store_true",
+                   help=f"serve a tiny random model named {DEMO_NAME} (no download; replies are random text)")
     p.add_argument("--api-auth", help="require HTTP Basic auth, as user:password")
     p.add_argument("--api-keys", default=os.environ.get("QWEN_API_KEYS", ""),
                    help="comma-separated Bearer keys to accept (default: $QWEN_API_KEYS)")
-    p.add_argument("--server-port", type=int, default=8000)
+    p.add_argument("--server-port", type=port_number, default=API_PORT, help="port to listen on (default: %(default)s)")
     p.add_argument("--server-name", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--disable-gc", action="store_true", help="turn off Python's garbage collector (fewer pauses)")
     p.add_argument("--model-name", help="model id clients must send (default: the folder's name)")
@@ -51,15 +54,18 @@ def default_max_model_len(config) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if not args.checkpoint_path:
+    if not args.checkpoint_path and not args.demo:
         sys.exit(NO_CHECKPOINT)
-    try:
-        path = checkpoint_folder(args.checkpoint_path)
-    except CheckpointNotFoundError as exc:
-        sys.exit(f"error: {exc}\n{NO_CHECKPOINT.split(chr(10), 2)[2]}")
     if args.api_auth and ":" not in args.api_auth:
         sys.exit("error: --api-auth takes user:password")
+    if problem := port_problem(args.server_name, args.server_port):
+        sys.exit(problem)  # before the model loads, which can take minutes
+    with front_end_checkpoint(args) as (path, is_demo):
+        serve(args, path, DEMO_NAME if is_demo else path.resolve().name)
 
+
+def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
+    """Load the model in `path` and serve it until the process is stopped."""
     import uvicorn
 
     from qwen.engine import Engine
@@ -82,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
         logging.info("compiled in %.0f s", time.perf_counter() - started)
     app = create_app(
         engine,
-        args.model_name or path.resolve().name,
+        args.model_name or default_name,
         api_keys={k for k in args.api_keys.split(",") if k},
         basic_auth=args.api_auth,
         cors_origins=[o for o in args.cors_origins.split(",") if o],

@@ -47,7 +47,8 @@ def wait_until_ok(url: str, timeout: float, proc: subprocess.Popen | None = None
 
 
 class ServerProcess:
-    """Start the server for ``checkpoint`` with extra command-line ``args`` (see ``openai_api.py -h``).
+    """Start the server for ``checkpoint`` (None: ``args`` say what to serve, e.g. ``--demo``) with extra
+    command-line ``args`` (see ``openai_api.py -h``).
 
     ``command`` replaces ``python -m qwen.serve.main`` (e.g. ``[sys.executable, "openai_api.py"]``),
     ``cwd`` is the child's working folder, ``log`` keeps its output in that file (default: a
@@ -55,7 +56,7 @@ class ServerProcess:
 
     def __init__(
         self,
-        checkpoint: str | os.PathLike,
+        checkpoint: str | os.PathLike | None,
         *args: str,
         command: list[str] | None = None,
         cwd: str | os.PathLike | None = None,
@@ -70,7 +71,8 @@ class ServerProcess:
         else:
             self.log = Path(log)
             self._log_file = self.log.open("w")
-        cmd = [*(command or [sys.executable, "-m", "qwen.serve.main"]), "-c", str(checkpoint),
+        model = ["-c", str(checkpoint)] if checkpoint is not None else []  # None: args say what (--demo)
+        cmd = [*(command or [sys.executable, "-m", "qwen.serve.main"]), *model,
                "--server-name", "127.0.0.1", "--server-port", str(self.port), *args]
         self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self._log_file, stderr=subprocess.STDOUT)
 
