@@ -551,9 +551,10 @@ def test_decode_tokens_end_reason(tokenizer, capsys):
 
 
 def readme_block(heading: str) -> str:
-    """The first ```python block under ``heading`` (before the next heading of the same level)."""
+    """The first ```python block under the heading that starts with ``heading`` (before the next heading of
+    the same level)."""
     text = README.read_text(encoding="utf-8")
-    match = re.search(rf"^{re.escape(heading)}\s*$(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
+    match = re.search(rf"^{re.escape(heading)}[^\n]*$(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
     assert match, f"README has no {heading!r} section"
     block = re.search(r"^```python\n(.*?)^```", match.group(1), flags=re.M | re.S)
     assert block, f"no python block under {heading!r}"

@@ -197,6 +197,20 @@ def _messages(query: str, history: list[tuple[str, str]], system: str) -> list[d
 # ----- the Qwen2 folder -----------------------------------------------------------------------------------------
 
 
+def test_readme_export_snippet_runs_as_written(sources, tmp_path, capsys):
+    """The README's Python export example, on a tiny checkpoint: export, load with plain transformers, chat
+    through apply_chat_template and generate (a BatchEncoding, not a tensor, under transformers 5.25)."""
+    from test_chat import readme_block
+
+    code = readme_block("## Export")
+    assert '"Qwen-7B-Chat-qwen2"' in code and '"Qwen-7B-Chat"' in code
+    code = code.replace('"Qwen-7B-Chat-qwen2"', repr(str(tmp_path / "out"))).replace(
+        '"Qwen-7B-Chat"', repr(str(sources["chat"])))
+    exec(compile(code, "README.md:export", "exec"), {"__name__": "__readme__"})
+    assert (tmp_path / "out" / "config.json").is_file()
+    assert capsys.readouterr().out.strip()  # the notes and a decoded reply (random text from a random model)
+
+
 def test_folder_layout_and_config(exports, sources):
     chat = exports["chat"]
     assert sorted(p.name for p in chat.iterdir()) == [
