@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shutil
 import subprocess
 import sys
@@ -43,6 +42,7 @@ from pathlib import Path
 import llamacpp_build  # bench/llamacpp_build.py (the script's folder is on sys.path)
 import torch
 from generate import engine_runner, measure, nbytes  # bench/generate.py
+from machine import cpu_name  # bench/machine.py
 
 import qwen  # noqa: F401  (registers the Qwen classes with transformers' Auto*)
 from qwen.engine import Engine
@@ -196,16 +196,6 @@ def print_table(rows: list[tuple[Row, Row]]) -> None:
         ratios = [f"{ours.gb / theirs.gb:.2f}x", *(f"**{ours.figures[f] / theirs.figures[f]:.2f}x**" for f in FIGURES)]
         cells = ["**ours / llama.cpp**", f"{ours.format.split(' ')[0]} / {theirs.format}", *ratios]
         print("| " + " | ".join(cells) + " |")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

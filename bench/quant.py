@@ -2,6 +2,7 @@
 
     python bench/quant.py                           # hidden 512, 4 layers (~3 min on 2 idle cores)
     python bench/quant.py --hidden 1024 --layers 8  # blocks a larger share of the weights (~10 min)
+    python bench/quant.py --rows int8,int4          # these rows and fp32, the reference (see --help)
 
 Rows: fp32; bf16; int8 weight-only (round-to-nearest per output channel, every Linear incl. lm_head,
 ``quantize_int8_``); int4 weight-only (``quantize_int4_``: groups of 128 on qwen's kernel with the
@@ -33,23 +34,34 @@ import time
 from pathlib import Path
 
 import torch
-from peak_rss import PeakRSS  # bench/peak_rss.py (the script's folder is on sys.path)
+from machine import cpu_name  # bench/machine.py (the script's folder is on sys.path)
+from peak_rss import PeakRSS  # bench/peak_rss.py
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = {
-    # name: (folder, dtype, gptq_backend, weight-only quantization afterwards)
-    "fp32": ("fp32", "float32", None, None),
-    "bf16": ("bf16", "bfloat16", None, None),
-    "int8 weight-only (RTN)": ("bf16", "bfloat16", None, "int8"),
-    "int4 weight-only (RTN, groups of 128, int8 lm_head: `--int4`)": ("bf16", "bfloat16", None, "int4"),
-    "int4 weight-only (RTN, groups of 128, bf16 lm_head)": ("bf16", "bfloat16", None, "int4-keep"),
-    "int4 weight-only (RTN, groups of 32, int8 lm_head; PyTorch's kernel)": ("bf16", "bfloat16", None, "int4-g32"),
-    "GPTQ int8, dequant": ("gptq8", "bfloat16", "dequant", None),
-    "GPTQ int8, int8 backend": ("gptq8", "bfloat16", "int8", None),
-    "GPTQ int4, dequant": ("gptq4", "bfloat16", "dequant", None),
-    "GPTQ int4, int8 backend": ("gptq4", "bfloat16", "int8", None),
-    "GPTQ int4, int4 backend": ("gptq4", "bfloat16", "int4", None),
+    # key: (label, folder, dtype, gptq_backend, weight-only quantization afterwards)
+    "fp32": ("fp32", "fp32", "float32", None, None),
+    "bf16": ("bf16", "bf16", "bfloat16", None, None),
+    "int8": ("int8 weight-only (RTN: `--int8`)", "bf16", "bfloat16", None, "int8"),
+    "int4": ("int4 weight-only (RTN, groups of 128, int8 lm_head: `--int4`)", "bf16", "bfloat16", None, "int4"),
+    "int4-keep": ("int4 weight-only (RTN, groups of 128, bf16 lm_head)", "bf16", "bfloat16", None, "int4-keep"),
+    "int4-g32": ("int4 weight-only (RTN, groups of 32, int8 lm_head; PyTorch's kernel)", "bf16", "bfloat16", None,
+                 "int4-g32"),
+    "gptq8": ("GPTQ int8, dequant", "gptq8", "bfloat16", "dequant", None),
+    "gptq8-int8": ("GPTQ int8, int8 backend", "gptq8", "bfloat16", "int8", None),
+    "gptq4": ("GPTQ int4, dequant", "gptq4", "bfloat16", "dequant", None),
+    "gptq4-int8": ("GPTQ int4, int8 backend", "gptq4", "bfloat16", "int8", None),
+    "gptq4-int4": ("GPTQ int4, int4 backend", "gptq4", "bfloat16", "int4", None),
 }
+
+
+def row_keys(text: str) -> list[str]:
+    """argparse type of --rows: known keys, comma-separated; fp32 (the quality reference) always first."""
+    keys = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in ROWS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown row {', '.join(unknown)}: choose from {', '.join(ROWS)}")
+    return ["fp32", *(k for k in dict.fromkeys(keys) if k != "fp32")]
 
 
 def sample_texts(tokenizer, chunk: int) -> tuple[list[list[int]], list[int]]:
@@ -73,7 +85,7 @@ def load(work: Path, name: str):
 
     from qwen.quantize import quantize_int4_, quantize_int8_
 
-    folder, dtype, backend, after = ROWS[name]
+    _, folder, dtype, backend, after = ROWS[name]
     kwargs = {"gptq_backend": backend} if backend else {}
     model = AutoModelForCausalLM.from_pretrained(work / folder, dtype=getattr(torch, dtype), **kwargs).eval()
     return {
@@ -119,10 +131,10 @@ def measure(args: argparse.Namespace) -> None:
                       "top1": top1}))
 
 
-def decode_speeds(work: Path, held: list[int], new_tokens: int, rounds: int) -> dict[str, float]:
-    """Greedy batch-1 decode tokens/s of every row, all loaded in this process and timed in turn for
+def decode_speeds(work: Path, rows: list[str], held: list[int], new_tokens: int, rounds: int) -> dict[str, float]:
+    """Greedy batch-1 decode tokens/s of the rows, all loaded in this process and timed in turn for
     ``rounds`` rounds (best round kept), so a busy machine slows every row alike."""
-    models = {name: load(work, name) for name in ROWS}
+    models = {name: load(work, name) for name in rows}
     prompt = torch.tensor([held[:32]])
     for model in models.values():
         generate_seconds(model, prompt, 2)  # warm-up
@@ -193,6 +205,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=16, help="calibration chunks for GPTQ")
     parser.add_argument("--chunk", type=int, default=256, help="tokens per calibration / held-out chunk")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rows", type=row_keys, default=list(ROWS),
+                        help=f"comma-separated rows, fp32 (the reference) always among them; default: all of "
+                             f"{','.join(ROWS)}")
     parser.add_argument("--measure", choices=list(ROWS), help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -217,15 +232,15 @@ def main() -> None:
         calib = calib[: args.samples]
         (work / "held.json").write_text(json.dumps(held))
         quant_s = {}
-        for bits in (8, 4):
+        for bits in sorted({int(ROWS[k][1][4:]) for k in args.rows if ROWS[k][1].startswith("gptq")}):
             t = time.perf_counter()
             quantize_folder(work / "fp32", calib, work / f"gptq{bits}", bits=bits, group_size=128, device="cpu",
                             progress=False)
             quant_s[bits] = time.perf_counter() - t
 
-        speeds = decode_speeds(work, held, args.new_tokens, args.rounds)
+        speeds = decode_speeds(work, args.rows, held, args.new_tokens, args.rounds)
         results = {}
-        for name in ROWS:
+        for name in args.rows:
             cmd = [sys.executable, __file__, "--measure", name, "--work", str(work), "--threads", str(args.threads),
                    "--new-tokens", str(args.new_tokens)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -233,22 +248,23 @@ def main() -> None:
                 sys.exit(f"{name} failed:\n{done.stderr[-3000:]}")
             results[name] = json.loads(done.stdout.strip().splitlines()[-1]) | {"tok_s": speeds[name]}
         kv = kv_cache_table(work / "fp32", args.chunk)
-        sizes = {name: folder_size(work / ROWS[name][0]) for name in ROWS}
+        sizes = {name: folder_size(work / ROWS[name][1]) for name in args.rows}
 
     params_blocks = args.layers * (4 * args.hidden**2 + 3 * args.hidden * intermediate // 2)
     params_embed = 2 * 151936 * args.hidden
     print(f"\nRandom Qwen model: hidden {args.hidden}, {args.layers} layers, {args.heads} heads, intermediate "
           f"{intermediate}: {params_blocks / 1e6:.1f}M parameters in the blocks (what GPTQ quantizes), "
           f"{params_embed / 1e6:.1f}M in wte + lm_head. {args.threads} threads, load average "
-          f"{os.getloadavg()[0]:.1f}. GPTQ ({len(calib)} x {args.chunk} calibration tokens, group 128): "
-          f"int8 {quant_s[8]:.0f} s, int4 {quant_s[4]:.0f} s (load + quantize + write).\n")
+          f"{os.getloadavg()[0]:.1f}, CPU: {cpu_name()}."
+          + "".join(f" GPTQ int{bits} ({len(calib)} x {args.chunk} calibration tokens, group 128): {s:.0f} s (load + "
+                    "quantize + write)." for bits, s in quant_s.items()) + "\n")
     ref = results["fp32"]["ppl"]
     print("| format | on disk | weights in RAM | peak RSS | decode tok/s | perplexity | vs fp32 | KL vs fp32 | "
           "top-1 = fp32 |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
-        disk = "quantized at load" if ROWS[name][3] else f"{sizes[name] / 2**20:.0f} MiB"
-        print(f"| {name} | {disk} | {r['ram'] / 2**20:.0f} MiB | {r['peak_rss'] / 2**20:.0f} MiB | "
+        disk = "quantized at load" if ROWS[name][4] else f"{sizes[name] / 2**20:.0f} MiB"
+        print(f"| {ROWS[name][0]} | {disk} | {r['ram'] / 2**20:.0f} MiB | {r['peak_rss'] / 2**20:.0f} MiB | "
               f"{r['tok_s']:.1f} | {r['ppl']:.0f} | {100 * (r['ppl'] / ref - 1):+.2f}% | {r['kl']:.4f} | "
               f"{100 * r['top1']:.1f}% |")
     print(f"\nKV cache per token ({args.layers} layers x {args.heads} heads x head_dim {args.hidden // args.heads}):\n")
