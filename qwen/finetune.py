@@ -369,6 +369,9 @@ def train(argv: list[str] | None = None, callbacks: list | None = None):
             )
 
     report_truncation(final=False)
+    # Seeded before the model is built: peft draws the LoRA A matrices (and a new wte/lm_head copy) from the
+    # global generator, which the Trainer seeds only later; unseeded, two runs of one recipe trained apart.
+    transformers.set_seed(training_args.seed)
     model = load_model(model_args, training_args, lora_args, plan)
     trainer = Trainer(model=model, processing_class=tokenizer, args=training_args, callbacks=callbacks, **data)
     if trainer.is_deepspeed_enabled:
