@@ -55,6 +55,10 @@ ROWS = {
 }
 
 
+TABLE_HEADER = ("| format | on disk | weights in RAM | peak RSS | decode tok/s | perplexity | vs fp32 | KL vs fp32 | "
+                "top-1 = fp32 |")
+
+
 def row_keys(text: str) -> list[str]:
     """argparse type of --rows: known keys, comma-separated; fp32 (the quality reference) always first."""
     keys = [k.strip() for k in text.split(",") if k.strip()]
@@ -259,9 +263,8 @@ def main() -> None:
           + "".join(f" GPTQ int{bits} ({len(calib)} x {args.chunk} calibration tokens, group 128): {s:.0f} s (load + "
                     "quantize + write)." for bits, s in quant_s.items()) + "\n")
     ref = results["fp32"]["ppl"]
-    print("| format | on disk | weights in RAM | peak RSS | decode tok/s | perplexity | vs fp32 | KL vs fp32 | "
-          "top-1 = fp32 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(TABLE_HEADER)
+    print("|---" * TABLE_HEADER.count(" | ") + "|---|")
     for name, r in results.items():
         disk = "quantized at load" if ROWS[name][4] else f"{sizes[name] / 2**20:.0f} MiB"
         print(f"| {ROWS[name][0]} | {disk} | {r['ram'] / 2**20:.0f} MiB | {r['peak_rss'] / 2**20:.0f} MiB | "

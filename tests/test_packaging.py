@@ -87,3 +87,16 @@ def test_ci_runs_the_readme_test_command_with_the_torch_the_newest_check_uses():
     test = ci[ci.index("# --- README test command ---") + 1]
     assert tests == f"{install} && {test}"
     assert "-c constraints.txt" in tests and demo.startswith(check_newest().TORCH.join(["pip install ", " && "]))
+
+
+def test_the_readme_quantization_table_is_what_bench_quant_prints():
+    """Same columns and the same rows (bench/quant.py's labels), so the table cannot drift from the bench."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import quant
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert quant.TABLE_HEADER in readme
+    table = readme.split(quant.TABLE_HEADER, 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    assert [line.split(" | ")[0].lstrip("| ") for line in table] == [label for label, *_ in quant.ROWS.values()]
