@@ -2,11 +2,20 @@
 
 Requests join a running batch between decode steps and leave it as soon as they finish or are
 cancelled, so many users share each forward pass. Each step (1) frees finished slots and keeps the
-running sequences packed in slots 0..n-1, (2) prefills newly admitted prompts in one right-padded
-batch, (3) decodes one token for every running sequence in one batch. The forward pass is the
-model's own (``QWenModel`` with its attention function); the engine only supplies positions, masks,
-the per-sequence dynamic-NTK alpha fixed at prefill, and its slot cache. Token selection runs on
-the device; the one host sync per step reads the new token of every sequence at once.
+running sequences packed in slots 0..n-1, (2) admits waiting requests into free slots at the top and
+prefills up to ``prefill_chunk`` prompt tokens of them (several short prompts in one right-padded
+batch, a long one a chunk per step), (3) decodes one token for every running sequence in one batch, so
+running streams keep getting tokens while a long prompt is read. A prompt whose prefill is complete
+moves into slot n and starts decoding. The forward pass is the model's own (``QWenModel`` with its
+attention function); the engine only supplies positions, masks, the per-sequence dynamic-NTK alpha
+fixed at admission, and its slot cache. Token selection runs on the device; the one host sync per step
+reads the new token of every sequence at once.
+
+The prefix cache (``qwen.prefix_cache``) keeps the keys and values of prompts and replies; an admitted
+request whose tokens start with a cached prefix has it copied into its slot and prefills only the rest.
+It is off for window attention and the int8 KV cache, whose stored keys depend on more than the tokens
+(a ring keeps only the last w keys; int8 scales are taken over each forward's chunk), and those models
+prefill each prompt in one piece, as before.
 
 With ``overlap`` (the default on CUDA) a decode step is queued on the GPU before the host reads the
 previous step's tokens, so the host's work between steps (reading tokens, detokenizing, stop checks,
@@ -29,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import struct
 import threading
 import time
 from collections import deque
@@ -42,6 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .chat import cut_text, stable_text
 from .kv_cache import SlotKVCache
 from .modeling import QWenLMHeadModel, ntk_alpha
+from .prefix_cache import PrefixCache
 from .sampling import SamplingParams, TokenStats, device_tensor, select_tokens
 
 if TYPE_CHECKING:
@@ -54,6 +65,7 @@ if TYPE_CHECKING:
 # slower decoding). The compiled step sees a few lengths only and leaves the choice to PyTorch (cuDNN
 # on an H200: 8 µs per layer for 256 keys; bench/gpu_profile.py measures the alternatives).
 DECODE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+PREFIX_CACHE_BYTES = 2 << 30  # the default budget of the prefix cache, on a CPU or a GPU
 
 
 @dataclass
@@ -92,6 +104,13 @@ class Sequence:
     matcher: LLMatcher | None = None  # the state of params.grammar
     first_token_time: float | None = None
     inflight: int = 0  # tokens computed on the device that the host has not read yet (0 or 1)
+    computed: int = 0  # positions whose keys and values are in the slot (prompt, then fed outputs)
+    cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
+    alpha: float = 1.0  # the dynamic-NTK alpha of its keys, fixed at admission from the prompt's length
+
+    @property
+    def prefilled(self) -> bool:
+        return self.computed >= len(self.prompt_ids)
 
     @property
     def done(self) -> bool:
@@ -114,6 +133,10 @@ class Engine:
     where the GPU otherwise waits for the host between steps; see the module docstring).
     ``decode_attention`` the SDPA kernels a decode step may use (default: ``DECODE_ATTENTION`` for the
     eager step, PyTorch's choice for the compiled one).
+
+    ``prefix_cache_bytes`` bounds the prefix cache (default ``PREFIX_CACHE_BYTES``; 0 turns it off);
+    ``prefill_chunk`` is the most prompt tokens one step prefills (default: 512 on a CPU, 2048 on a GPU),
+    between which running sequences decode a token.
     """
 
     def __init__(
@@ -126,6 +149,8 @@ class Engine:
         compile: bool = False,
         overlap: bool | None = None,
         decode_attention: tuple[SDPBackend, ...] | None = None,
+        prefix_cache_bytes: int | None = None,
+        prefill_chunk: int | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -146,7 +171,15 @@ class Engine:
         self.alpha = torch.ones(max_batch_size, dtype=torch.float64, device=self.device)
         self.next_tokens = torch.zeros(max_batch_size, dtype=torch.long, device=self.device)
         self.running: list[Sequence] = []  # running[i] occupies slot i
+        self.prefilling: list[Sequence] = []  # admitted, prompt not all computed yet; in slots above the running
         self.waiting: deque[Sequence] = deque()
+        # Ring (window) layers and int8 scales depend on more than the tokens: such a cache is neither
+        # shared nor prefilled in chunks (int8 scales span each forward's chunk, as in the original).
+        whole = self.cache.quantized or any(self.cache.windows)
+        budget = PREFIX_CACHE_BYTES if prefix_cache_bytes is None else prefix_cache_bytes
+        self.prefix_cache = PrefixCache(budget) if budget > 0 and not whole else None
+        default_chunk = 2048 if self.device.type == "cuda" else 512
+        self.prefill_chunk = None if whole else prefill_chunk or default_chunk
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -281,76 +314,160 @@ class Engine:
             try:
                 self.step()
             except Exception as exc:  # a broken step fails its requests, never the engine
-                for seq in self.running + list(self.waiting):
+                for seq in self.running + self.prefilling + list(self.waiting):
                     self._finish(seq, f"error: {exc}")
-                self.running, self.waiting, self._launched = [], deque(), None
+                self.running, self.prefilling, self.waiting, self._launched = [], [], deque(), None
 
     # ----- one scheduler iteration ----------------------------------------------------------------
     @torch.inference_mode()
     def step(self) -> bool:
         """Free, admit and prefill, decode. Returns whether work remains."""
-        if self._launched is not None and (self.waiting or not all(overlap_safe(s.params) for s in self.running)):
-            self._collect()  # admissions and penalties need every token read first
+        if self._launched is not None and (self.waiting or self.prefilling
+                                           or not all(overlap_safe(s.params) for s in self.running)):
+            self._collect()  # admissions, prefills and penalties need every token read first
         self._release([s for s in self.running if s.cancelled or s.done])
+        for seq in [s for s in self.prefilling if s.cancelled]:
+            self.prefilling.remove(seq)
+            self._remember(seq)
+            self._finish(seq, "cancelled")
         with self._lock:
             for seq in [s for s in self.waiting if s.cancelled]:
                 self.waiting.remove(seq)
                 self._finish(seq, "cancelled")
             admitted = []
-            while self.waiting and len(self.running) + len(admitted) < self.max_batch_size:
+            while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_batch_size:
                 admitted.append(self.waiting.popleft())
-        if admitted:
-            self._prefill(admitted)
+        for seq in admitted:
+            self._admit(seq)
+        if self.prefilling:
+            self._prefill()
             self._release([s for s in self.running if s.done])
         if self.running:
             self._decode()
         elif self._launched is not None:
             self._collect()
         self._release([s for s in self.running if s.done])
-        return bool(self.running or self.waiting or self._launched)
+        return bool(self.running or self.prefilling or self.waiting or self._launched)
 
     def _release(self, leaving: list[Sequence]) -> None:
-        """Remove sequences and move the last running ones into their slots."""
+        """Remove sequences (their keys and values go to the prefix cache) and move the last running ones
+        into their slots."""
         for seq in leaving:
             if not seq.done:
                 self._finish(seq, "cancelled")
+            self._remember(seq)
             last = self.running.pop()
             if last is not seq:
-                slot = seq.slot
-                self.cache.move(last.slot, slot)
-                self.stats.move(last.slot, slot)
-                self.alpha[slot] = self.alpha[last.slot]
-                self.next_tokens[slot] = self.next_tokens[last.slot]
-                last.slot = slot
-                self.running[slot] = last
+                self._relocate(last, seq.slot)
+                self.running[last.slot] = last
 
-    def _prefill(self, seqs: list[Sequence]) -> None:
-        first = len(self.running)
-        for i, seq in enumerate(seqs):
-            seq.slot = first + i
-            self.running.append(seq)
-        rows = slice(first, first + len(seqs))
-        lengths = [len(s.prompt_ids) for s in seqs]
-        width = max(lengths)
-        ids = torch.tensor([s.prompt_ids + [0] * (width - len(s.prompt_ids)) for s in seqs], device=self.device)
-        lens = torch.tensor(lengths, device=self.device)
+    def _relocate(self, seq: Sequence, slot: int) -> None:
+        """Move ``seq``'s slot state (cache, token stats, alpha, next token) to ``slot``, swapping with an
+        admitted sequence that holds it."""
+        if seq.slot == slot:
+            return
+        holder = next((s for s in self.prefilling if s.slot == slot), None)
+        if holder is None:
+            self.cache.move(seq.slot, slot)
+            self.stats.move(seq.slot, slot)
+            self.alpha[slot] = self.alpha[seq.slot]
+            self.next_tokens[slot] = self.next_tokens[seq.slot]
+        else:
+            pair = [seq.slot, slot]
+            self.cache.swap(*pair)
+            self.stats.swap(*pair)
+            self.alpha[pair] = self.alpha[pair[::-1]]
+            self.next_tokens[pair] = self.next_tokens[pair[::-1]]
+            holder.slot = seq.slot
+        seq.slot = slot
+
+    def _admit(self, seq: Sequence) -> None:
+        """Give ``seq`` the highest free slot, its NTK alpha and the cached prefix of its prompt."""
+        taken = {s.slot for s in self.running} | {s.slot for s in self.prefilling}
+        seq.slot = max(set(range(self.max_batch_size)) - taken)
+        self.prefilling.append(seq)
+        self.stats.reset(seq.slot, seq.prompt_ids)
         if self.config.use_dynamic_ntk:
-            self.alpha[rows] = ntk_alpha(lens, self.config.seq_length)
-        for seq in seqs:
-            self.stats.reset(seq.slot, seq.prompt_ids)
-        # Right padding: every real query sees only real keys under the causal mask.
-        self.cache.begin(rows, None, width, width, lengths)
-        positions = torch.arange(width, device=self.device)[None].expand(len(seqs), -1)
-        self._sample(seqs, rows, self._forward_last(ids, positions, None, self.alpha[rows], lens - 1))
+            seq.alpha = ntk_alpha(torch.tensor([len(seq.prompt_ids)]), self.config.seq_length).item()
+            self.alpha[seq.slot] = seq.alpha
+        if self.prefix_cache is not None:
+            # At least the last prompt token is computed: its logits give the first output token.
+            seq.cached_tokens, pieces = self.prefix_cache.lookup(seq.prompt_ids, self._salt(seq),
+                                                                 limit=len(seq.prompt_ids) - 1)
+            for start, kv in pieces:
+                self.cache.write(seq.slot, start, kv)
+            seq.computed = seq.cached_tokens
+
+    @staticmethod
+    def _salt(seq: Sequence) -> bytes:
+        """What besides the tokens made a sequence's keys: the dynamic-NTK alpha they were rotated with."""
+        return struct.pack("<d", seq.alpha)
+
+    def _remember(self, seq: Sequence) -> None:
+        """Keep the keys and values in ``seq``'s slot in the prefix cache (positions it has computed)."""
+        if self.prefix_cache is None or (seq.finish_reason or "").startswith("error"):
+            return
+        tokens = (seq.prompt_ids + seq.output_ids)[: seq.computed]
+        self.prefix_cache.store(tokens, self._salt(seq), lambda start, end: self.cache.read(seq.slot, start, end))
+
+    def _prefill(self) -> None:
+        """Prefill up to ``prefill_chunk`` prompt tokens of the admitted sequences, oldest first, in one
+        right-padded batch; those whose prompt is complete move into the running slots and get their first
+        token."""
+        budget = self.prefill_chunk or sum(len(s.prompt_ids) for s in self.prefilling)
+        batch, counts = [], []
+        for seq in self.prefilling:
+            if budget <= 0:
+                break
+            batch.append(seq)
+            counts.append(min(len(seq.prompt_ids) - seq.computed, budget))
+            budget -= counts[-1]
+        offsets, width = [s.computed for s in batch], max(counts)
+        ids = torch.tensor([s.prompt_ids[o : o + n] + [0] * (width - n) for s, o, n in zip(batch, offsets, counts,
+                                                                                         strict=True)],
+                           device=self.device)
+        positions = device_tensor(offsets, self.device)[:, None] + torch.arange(width, device=self.device)[None]
+        slots = [s.slot for s in batch]
+        kv_len = self.cache.begin_prefill(slots, offsets, counts)
+        mask = None  # from position 0, right padding needs only the causal mask
+        if any(offsets):
+            keys = torch.arange(kv_len, device=self.device)
+            real = torch.arange(width, device=self.device)[None] < device_tensor(counts, self.device)[:, None]
+            # A padding query may see every key (its output is never used) rather than none (NaN).
+            mask = ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]
+        alpha = self.alpha[device_tensor(slots, self.device)]
+        hidden = self.model.transformer(
+            input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache, use_cache=True,
+            ntk_alpha_override=alpha,
+        ).last_hidden_state
+        for seq, n in zip(batch, counts, strict=True):
+            seq.computed += n
+        done = [i for i, seq in enumerate(batch) if seq.prefilled]
+        if not done:
+            return
+        last = hidden[device_tensor(done, self.device), device_tensor([counts[i] - 1 for i in done], self.device)]
+        logits = self.model.lm_head(last)
+        seqs, first = [batch[i] for i in done], len(self.running)
+        for seq in seqs:  # the oldest admitted: they take slots first, first + 1, ... in order
+            self.prefilling.remove(seq)
+            self._relocate(seq, len(self.running))
+            self.running.append(seq)
+            self._remember(seq)
+        self._sample(seqs, slice(first, first + len(seqs)), logits)
 
     def _decode(self) -> None:
         n = len(self.running)
-        # A compiled step sees a few batch sizes only; the padding rows decode in free slots.
+        # A compiled step sees a few batch sizes only; the padding rows decode in the slots above. One that
+        # holds an admitted prompt is written where its next chunk will write anyway.
         width = min(1 << (n - 1).bit_length(), self.max_batch_size) if self.compiled else n
         # A token still on its way to the host already has its place; a sequence it finishes may
         # run one step more, whose position is kept inside the cache.
         positions = [min(len(s.prompt_ids) + len(s.output_ids) + s.inflight, self.max_model_len) - 1
-                     for s in self.running] + [0] * (width - n)
+                     for s in self.running]
+        for seq, position in zip(self.running, positions, strict=True):
+            seq.computed = position + 1
+        admitted = {s.slot: s.computed for s in self.prefilling}
+        positions += [admitted.get(slot, 0) for slot in range(n, width)]
         kv_len = max(positions) + 1
         starts = device_tensor(positions, self.device)
         keys = self.cache.begin(slice(0, width), starts, 1, kv_len)

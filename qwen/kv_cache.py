@@ -119,7 +119,7 @@ class SlotKVCache:
     def __init__(self, num_layers: int, slots: int, heads: int, head_dim: int, max_len: int,
                  dtype: torch.dtype, device: torch.device, initial: int = 256, quantized: bool = False,
                  windows: list[int | None] | None = None, static: bool = False) -> None:
-        self.max_len, self.dtype, self.quantized, self.static = max_len, dtype, quantized, static
+        self.max_len, self.dtype, self.quantized, self.static, self.device = max_len, dtype, quantized, static, device
         self.capacity = self.initial = min(initial, max_len)
         self.windows = [min(w, max_len) if w else None for w in windows or [None] * num_layers]
         names = ("k", "k_scale", "k_zero", "v", "v_scale", "v_zero") if quantized else ("k", "v")
@@ -134,8 +134,10 @@ class SlotKVCache:
         with torch.inference_mode():  # as the tensors grown during a step, so compiled code sees one kind
             self.layers = [{name: empty(name, w) for name in names} for w in self.windows]
         self._mark_static()
-        self._rows = slice(0, 0)
+        self._rows: slice | torch.Tensor = slice(0, 0)  # the slots of the forward's rows: a view, or gathered
+        self._slots: list[int] = []
         self._starts: torch.Tensor | None = None
+        self._offsets: list[int] | None = None
         self._lengths: list[int] | None = None
         self._kv_len = 0
         self._q_len = 0
@@ -178,6 +180,21 @@ class SlotKVCache:
         if self.static and starts is not None:
             kv_len = min(max(1 << (kv_len - 1).bit_length(), self.initial), self.capacity)
         self._rows, self._starts, self._q_len, self._kv_len, self._lengths = rows, starts, q_len, kv_len, lengths
+        self._slots, self._offsets = list(range(rows.start, rows.stop)), None
+        return kv_len
+
+    def begin_prefill(self, slots: list[int], offsets: list[int], lengths: list[int]) -> int:
+        """Next forward prefills row i into slot ``slots[i]``: its ``lengths[i]`` new tokens (right-padded to
+        the longest) at positions ``offsets[i]`` on, after the keys already in the slot. Returns how many keys
+        it attends (the longest row's end). A ring (window) layer takes prefills from position 0 only."""
+        kv_len = max(o + n for o, n in zip(offsets, lengths, strict=True))
+        if any(offsets) and any(self.windows):
+            raise ValueError("a model with window attention prefills from position 0 only")
+        self.ensure_capacity(kv_len)
+        contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
+        self._rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=self.device)
+        self._slots, self._offsets, self._lengths = list(slots), list(offsets), list(lengths)
+        self._starts, self._q_len, self._kv_len = None, max(lengths), kv_len
         return kv_len
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -202,15 +219,18 @@ class SlotKVCache:
         decode_idx = None
         if self._starts is not None:
             decode_idx = torch.arange(self._rows.start, self._rows.stop, device=key_states.device)
+        lengths = (self._lengths or [self._q_len] * len(self._slots)) if decode_idx is None else []
         for name, t in store.items():
             if decode_idx is not None:
                 t[decode_idx, :, self._starts % window if window else self._starts] = new[name][:, :, 0]
             elif not window:
-                t[self._rows, :, : self._q_len] = new[name]
+                for row, (slot, length) in enumerate(zip(self._slots, lengths, strict=True)):
+                    offset = self._offsets[row] if self._offsets else 0
+                    t[slot, :, offset : offset + length] = new[name][row, :, :length]
             else:  # prefill into a ring: each row's last `window` real positions
-                for row, length in enumerate(self._lengths or [self._q_len] * len(new[name])):
+                for row, (slot, length) in enumerate(zip(self._slots, lengths, strict=True)):
                     pos = torch.arange(max(0, length - window), length, device=t.device)
-                    t[self._rows.start + row, :, pos % window] = new[name][row, :, pos]
+                    t[slot, :, pos % window] = new[name][row, :, pos]
         if window and decode_idx is None:
             view = new  # a prefill attends over its own chunk (no past)
         else:
@@ -234,6 +254,24 @@ class SlotKVCache:
         """Copy slot ``src`` into ``dst`` (the engine keeps running sequences in slots 0..n-1)."""
         for t in self._tensors():
             t[dst] = t[src]
+
+    def swap(self, a: int, b: int) -> None:
+        for t in self._tensors():
+            t[[a, b]] = t[[b, a]]
+
+    def read(self, slot: int, start: int, end: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """A copy of the keys and values of positions [start, end) of ``slot``, per layer (not for int8 or
+        ring layers, whose stored form depends on more than the tokens)."""
+        return [(store["k"][slot, :, start:end].clone(), store["v"][slot, :, start:end].clone())
+                for store in self.layers]
+
+    def write(self, slot: int, start: int, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Put keys and values (as ``read`` returns them) at positions ``start`` on of ``slot``."""
+        end = start + kv[0][0].shape[1]
+        self.ensure_capacity(end)
+        for store, (k, v) in zip(self.layers, kv, strict=True):
+            store["k"][slot, :, start:end] = k
+            store["v"][slot, :, start:end] = v
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())

@@ -88,6 +88,10 @@ class TokenStats:
         self.seen[dst] = self.seen[src]
         self.counts[dst] = self.counts[src]
 
+    def swap(self, a: int, b: int) -> None:
+        self.seen[a], self.seen[b] = self.seen[b], self.seen[a]
+        self.counts[[a, b]] = self.counts[[b, a]]
+
     def seen_ids(self, rows: slice, device: torch.device) -> torch.Tensor:
         """[n, width] seen ids per row, padded by repeating the row's first id."""
         lists = [list(self.seen[slot]) for slot in range(rows.start, rows.stop)]

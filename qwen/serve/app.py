@@ -19,6 +19,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -121,7 +122,9 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict:
-        return {"status": "ok", "running": len(engine.running), "waiting": len(engine.waiting)}
+        cache = engine.prefix_cache
+        return {"status": "ok", "running": len(engine.running), "prefilling": len(engine.prefilling),
+                "waiting": len(engine.waiting), "prefix_cache": asdict(cache.stats) if cache is not None else None}
 
     created_at = int(time.time())
     model_card = {"id": model_name, "object": "model", "created": created_at, "owned_by": "qwen",
@@ -235,9 +238,13 @@ def create_app(
             {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]} for t, lp, alts in seq.logprobs
         ]
 
-    def usage(prompt_len: int, seqs: list[Sequence]) -> dict:
+    def usage(prompt_len: int, seqs: list[Sequence], copies: int) -> dict:
+        """OpenAI's usage of ``seqs`` in request order, ``copies`` (n or best_of) per prompt: the prompt
+        tokens counted once per prompt, and of those the ones the prefix cache supplied."""
         completion = sum(len(s.output_ids) for s in seqs)
-        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion}
+        cached = sum(max(s.cached_tokens for s in seqs[i : i + copies]) for i in range(0, len(seqs), copies))
+        return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
+                "prompt_tokens_details": {"cached_tokens": cached}}
 
     def finish_reason(seq: Sequence) -> str:
         return "length" if seq.finish_reason == "length" else "stop"
@@ -300,7 +307,7 @@ def create_app(
                     choice["logprobs"] = {"content": logprob_entries(seq)}
                 choices.append(choice)
             return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": usage(len(prompt.ids), seqs)}
+                    "choices": choices, "usage": usage(len(prompt.ids), seqs, body.n)}
 
         def chunk(index: int, delta: dict, reason: str | None = None, logprobs: Any = None) -> str:
             return json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
@@ -342,7 +349,7 @@ def create_app(
             if body.stream_options and body.stream_options.include_usage:
                 yield json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
                                   "model": model_name, "choices": [],
-                                  "usage": usage(len(prompt.ids), list(seqs.values()))})
+                                  "usage": usage(len(prompt.ids), [seqs[i] for i in sorted(seqs)], body.n)})
             yield "[DONE]"
 
         return EventSourceResponse(events(), ping=15)
@@ -438,7 +445,7 @@ def create_app(
                                     "finish_reason": finish_reason(seq) if seq else "length",
                                     "logprobs": choice_logprobs(p, seq)})
             return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                    "choices": choices, "usage": usage(prompt_tokens, seqs)}
+                    "choices": choices, "usage": usage(prompt_tokens, seqs, best_of)}
 
         async def events() -> AsyncIterator[str]:
             def chunk(i: int, text: str, reason: str | None, logprobs: dict | None = None) -> str:
@@ -473,7 +480,8 @@ def create_app(
                 return
             if body.stream_options and body.stream_options.include_usage:
                 yield json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model_name,
-                                  "choices": [], "usage": usage(prompt_tokens, list(seqs.values()))})
+                                  "choices": [], "usage": usage(prompt_tokens, [seqs[i] for i in sorted(seqs)],
+                                                                best_of)})
             yield "[DONE]"
 
         return EventSourceResponse(events(), ping=15)
