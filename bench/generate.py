@@ -184,7 +184,9 @@ def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: d
     max_len = max(args.prefill, 64) + args.new_tokens + 8
 
     def engine(weights: QWenLMHeadModel, compile: bool = False) -> Runner:
-        return engine_runner(Engine(weights, tokenizer, max_batch_size=8, max_model_len=max_len, compile=compile))
+        # prefix cache off: the rounds repeat one prompt, whose prefill is measured
+        return engine_runner(Engine(weights, tokenizer, max_batch_size=8, max_model_len=max_len, compile=compile,
+                                    prefix_cache_bytes=0))
 
     models = {"qwen engine": model, "qwen model.generate": model, "transformers Qwen2": to_qwen2(model)}
     runners = {

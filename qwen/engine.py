@@ -52,7 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from .chat import cut_text, stable_text
 from .kv_cache import SlotKVCache
 from .modeling import QWenLMHeadModel, ntk_alpha
-from .prefix_cache import PrefixCache
+from .prefix_cache import PREFIX_CACHE_BYTES, PrefixCache
 from .sampling import SamplingParams, TokenStats, device_tensor, select_tokens
 
 if TYPE_CHECKING:
@@ -65,7 +65,6 @@ if TYPE_CHECKING:
 # slower decoding). The compiled step sees a few lengths only and leaves the choice to PyTorch (cuDNN
 # on an H200: 8 µs per layer for 256 keys; bench/gpu_profile.py measures the alternatives).
 DECODE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
-PREFIX_CACHE_BYTES = 2 << 30  # the default budget of the prefix cache, on a CPU or a GPU
 
 
 @dataclass
@@ -107,6 +106,7 @@ class Sequence:
     computed: int = 0  # positions whose keys and values are in the slot (prompt, then fed outputs)
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     alpha: float = 1.0  # the dynamic-NTK alpha of its keys, fixed at admission from the prompt's length
+    looked_up: bool = False  # whether the prefix cache was asked (once, before its first chunk)
 
     @property
     def prefilled(self) -> bool:
@@ -390,13 +390,28 @@ class Engine:
         if self.config.use_dynamic_ntk:
             seq.alpha = ntk_alpha(torch.tensor([len(seq.prompt_ids)]), self.config.seq_length).item()
             self.alpha[seq.slot] = seq.alpha
-        if self.prefix_cache is not None:
-            # At least the last prompt token is computed: its logits give the first output token.
-            seq.cached_tokens, pieces = self.prefix_cache.lookup(seq.prompt_ids, self._salt(seq),
-                                                                 limit=len(seq.prompt_ids) - 1)
-            for start, kv in pieces:
-                self.cache.write(seq.slot, start, kv)
-            seq.computed = seq.cached_tokens
+        seq.looked_up = self.prefix_cache is None
+
+    def _look_up(self, seq: Sequence) -> None:
+        """Copy the longest cached prefix of ``seq``'s prompt into its slot. At least the last prompt token
+        is computed: its logits give the first output token."""
+        seq.cached_tokens, pieces = self.prefix_cache.lookup(seq.prompt_ids, self._salt(seq),
+                                                             limit=len(seq.prompt_ids) - 1)
+        for start, kv in pieces:
+            self.cache.write(seq.slot, start, kv)
+        seq.computed, seq.looked_up = seq.cached_tokens, True
+
+    def _waits_for(self, seq: Sequence, earlier: list[Sequence]) -> bool:
+        """Whether ``seq`` should wait for an earlier admitted prompt that holds at least half of its own
+        (the n copies of one prompt, one tools or few-shot prompt before different questions): once that
+        one is prefilled and cached, ``seq`` computes only what differs."""
+        need = max(self.prefix_cache.block, (len(seq.prompt_ids) - 1) // 2)
+        if len(seq.prompt_ids) - 1 < need:  # not one whole block to reuse
+            return False
+        for other in earlier:
+            if other.alpha == seq.alpha and other.prompt_ids[:need] == seq.prompt_ids[:need]:
+                return True
+        return False
 
     @staticmethod
     def _salt(seq: Sequence) -> bytes:
@@ -416,9 +431,13 @@ class Engine:
         token."""
         budget = self.prefill_chunk or sum(len(s.prompt_ids) for s in self.prefilling)
         batch, counts = [], []
-        for seq in self.prefilling:
+        for i, seq in enumerate(self.prefilling):
             if budget <= 0:
                 break
+            if not seq.looked_up:
+                if self._waits_for(seq, self.prefilling[:i]):
+                    continue
+                self._look_up(seq)
             batch.append(seq)
             counts.append(min(len(seq.prompt_ids) - seq.computed, budget))
             budget -= counts[-1]

@@ -20,10 +20,14 @@ import hashlib
 import itertools
 from array import array
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the front ends read PREFIX_CACHE_BYTES before they import torch
+    import torch
 
-LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, tokens, head_dim]
+    LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, tokens, head_dim]
+
+PREFIX_CACHE_BYTES = 2 << 30  # the default budget, on a CPU or a GPU
 
 
 @dataclass(eq=False)

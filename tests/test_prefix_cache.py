@@ -72,6 +72,18 @@ def test_shared_prefixes_of_every_length_give_the_same_tokens(model, tokenizer):
     assert outputs(engine, prompts) == expected  # batched, every one found in the cache
 
 
+def test_copies_of_one_prompt_are_prefilled_once(model, tokenizer):
+    """n > 1 (or one long tools prompt before several questions): requests admitted together that share at
+    least half of their prompt wait for the first one's keys instead of computing them again."""
+    tools = ids(80, seed=30)
+    prompts = [tools + ids(6, seed=31)] * 3 + [tools + ids(5, seed=32), ids(20, seed=33) + tools[:40]]
+    expected = outputs(plain(model, tokenizer), prompts)
+    engine = Engine(model, tokenizer, max_batch_size=8)
+    seqs = engine.generate(prompts, greedy())
+    assert [s.output_ids for s in seqs] == expected
+    assert [s.cached_tokens for s in seqs] == [0, 64, 64, 64, 0]
+
+
 def test_a_chat_turn_prefills_only_the_new_message(model, tokenizer):
     from qwen.chat import make_context
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..loading import DEMO_NAME, add_model_args, front_end_checkpoint, load_model, positive_int
 from ..ports import API_PORT, port_number, port_problem
+from ..prefix_cache import PREFIX_CACHE_BYTES
 
 NO_CHECKPOINT = """error: no checkpoint given. Pass -c/--checkpoint-path with an original Qwen v1 folder
 (e.g. a downloaded Qwen-7B-Chat: config.json, model*.safetensors, qwen.tiktoken, ...).
@@ -40,10 +41,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU: several times faster decoding there); "
                         "compiles at start-up, a minute or more")
+    p.add_argument("--prefix-cache-gb", type=non_negative_float, default=PREFIX_CACHE_BYTES / 2**30,
+                   help="memory for keys and values of earlier prompts and replies, reused by requests that start "
+                        "with them (chat history, tools prompts, few-shot examples); 0 turns it off "
+                        "(default: %(default)g)")
+    p.add_argument("--prefill-chunk", type=positive_int, metavar="TOKENS",
+                   help="the most prompt tokens prefilled per step, between which running streams decode "
+                        "(default: 512 on a CPU, 2048 on a GPU)")
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
     p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
     add_model_args(p)
     return p.parse_args(argv)
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a number of at least 0, not {text!r}")
+    return value
 
 
 def default_max_model_len(config) -> int:
@@ -77,7 +95,11 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
     except (OSError, ValueError) as exc:
         sys.exit(f"error: cannot load {path}: {exc}")
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
-                    max_model_len=args.max_model_len or default_max_model_len(model.config), compile=args.compile)
+                    max_model_len=args.max_model_len or default_max_model_len(model.config), compile=args.compile,
+                    prefix_cache_bytes=int(args.prefix_cache_gb * 2**30), prefill_chunk=args.prefill_chunk)
+    if engine.prefix_cache is None and args.prefix_cache_gb:
+        logging.info("prefix cache: off (window attention and the int8 KV cache keep keys that depend on more "
+                     "than the tokens)")
     logging.info("context: %d tokens per request (prompt + output; the model's seq_length is %d%s)",
                  engine.max_model_len, model.config.seq_length,
                  ", dynamic NTK on" if model.config.use_dynamic_ntk else "")
