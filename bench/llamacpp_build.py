@@ -1,7 +1,8 @@
 """Build llama.cpp from the llama-cpp-python sdist's ``vendor/llama.cpp``, once, into a cache folder.
 
 Shared by ``tests/test_export_llamacpp.py`` (the shared library, driven through the sdist's ctypes bindings) and
-``bench/llamacpp.py`` (the ``llama-bench``, ``llama-batched-bench`` and ``llama-quantize`` tools). The sdist is
+``bench/llamacpp.py`` (the ``llama-bench``, ``llama-batched-bench`` and ``llama-quantize`` tools), and
+``bench/chat_ttft.py`` (``llama-server``, built into the same folder as the tools: ggml is reused). The sdist is
 the one source of llama.cpp that pip can fetch here (no GitHub access is needed). Each set of cmake flags builds
 into its own folder under ``~/.cache/qwen-llamacpp/<version>/``, named by a hash of the flags, so a cached build
 made with other flags is never taken; a build is renamed into place only once it has finished.
@@ -45,7 +46,7 @@ def cmake_flags(tools: bool) -> list[str]:
     if tools:
         flags = ["-DBUILD_SHARED_LIBS=OFF", "-DGGML_NATIVE=ON", "-DLLAMA_CURL=OFF", "-DLLAMA_OPENSSL=OFF",
                  "-DLLAMA_BUILD_COMMON=ON", "-DLLAMA_BUILD_TESTS=OFF", "-DLLAMA_BUILD_EXAMPLES=OFF",
-                 "-DLLAMA_BUILD_SERVER=OFF", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_APP=OFF",
+                 "-DLLAMA_BUILD_SERVER=ON", "-DLLAMA_BUILD_TOOLS=ON", "-DLLAMA_BUILD_APP=OFF",
                  "-DLLAMA_BUILD_MTMD=OFF", "-DCMAKE_BUILD_TYPE=Release"]
     else:
         # The order is part of the build folder's name: keep it, or every cached library build is redone.
@@ -115,13 +116,13 @@ def ensure_build(tools: bool, targets: list[str] | tuple[str, ...],
              f"once, a few minutes")
     partial = build.with_name(build.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
+    if build.exists():  # an earlier build of other targets with the same flags: add to it (ggml is reused)
+        os.replace(build, partial)
     for cmd in (["cmake", "-S", str(source), "-B", str(partial), *flags],
                 ["cmake", "--build", str(partial), f"-j{os.cpu_count() or 2}", "--target", *targets]):
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
         if done.returncode != 0:
             raise LlamaCppBuildError(f"llama.cpp build failed: {' '.join(cmd)}\n{(done.stdout + done.stderr)[-3000:]}")
-    if build.exists():  # an earlier build of fewer targets with the same flags
-        shutil.rmtree(build)
     os.replace(partial, build)  # only a finished build is ever taken from the cache
     return build
 

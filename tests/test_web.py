@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 
@@ -332,24 +331,24 @@ def test_two_users_have_their_own_history(browser, web_url):
         bob.context.close()
 
 
-class ScriptedModel:
-    """Stands in for a model whose reply contains HTML: chat_stream yields the text in growing pieces."""
-
-    generation_config = SimpleNamespace(top_p=0.8, max_new_tokens=16)
-    reply = ('<img src=x onerror="window.__pwned=1"><script>window.__pwned2=1</script>'
-             '<a href="javascript:window.__pwned4=1" id="evil">link</a> hello')
-
-    def chat_stream(self, tokenizer, query, history=None, system="", **settings):
-        for end in range(7, len(self.reply), 7):
-            yield self.reply[:end]
-        yield self.reply
+HTML_REPLY = ('<img src=x onerror="window.__pwned=1"><script>window.__pwned2=1</script>'
+              '<a href="javascript:window.__pwned4=1" id="evil">link</a> hello')
 
 
 @pytest.fixture(scope="module")
-def scripted_url():
+def scripted_url(tiny_chat, tokenizer):
+    """The page around the tiny model whose lm_head is scripted to reply with HTML (streamed token by token
+    through the engine, as any reply)."""
+    from test_examples_online import ScriptedHead
+    from transformers import AutoModelForCausalLM
+
     from qwen.apps.web import build_ui
 
-    demo = build_ui(ScriptedModel(), tokenizer=None)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat).eval()
+    model.lm_head = ScriptedHead(model.lm_head, tokenizer.im_end_id)
+    model.lm_head.load(tokenizer.encode(HTML_REPLY))
+    model.generation_config.max_new_tokens = 200  # the page's default: room for the whole script
+    demo = build_ui(model, tokenizer)
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
     try:

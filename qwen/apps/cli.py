@@ -15,10 +15,13 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..loading import add_model_args, front_end_checkpoint, load_model
 from . import sampling_settings
+
+if TYPE_CHECKING:
+    from .session import EngineChat
 
 HELP = """Commands:
   :help / :h                 show this help
@@ -98,9 +101,9 @@ def parse_settings(text: str) -> dict[str, Any]:
 class ChatSession:
     """State of one terminal chat: history, seed and the generation settings in force."""
 
-    def __init__(self, model, tokenizer, system: str, seed: int, console) -> None:
-        self.model, self.tokenizer, self.system, self.seed, self.console = model, tokenizer, system, seed, console
-        self.original_config = copy.deepcopy(model.generation_config)
+    def __init__(self, chat: EngineChat, system: str, seed: int, console) -> None:
+        self.chat, self.system, self.seed, self.console = chat, system, seed, console
+        self.original_config = copy.deepcopy(chat.engine.model.generation_config)
         self.config = copy.deepcopy(self.original_config)
         self.history: list[tuple[str, str]] = []
 
@@ -154,10 +157,7 @@ class ChatSession:
 
         During a reply Ctrl-C only raises a flag that the loop checks after each piece of text: a
         KeyboardInterrupt could land inside the console's own printing and leave it buffering."""
-        stream = self.model.chat_stream(
-            self.tokenizer, query, history=self.history, system=self.system,
-            generation_config=self.config, seed=self.seed,
-        )
+        stream = self.chat.stream(query, self.history, self.system, self.config, self.seed)
         interrupted = threading.Event()
         previous = signal.signal(signal.SIGINT, lambda *_: interrupted.set())
         shown = ""
@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
             model, tokenizer = load_model(path, args)
         except (OSError, ValueError) as exc:
             sys.exit(f"error: cannot load {path}: {exc}")
-        session = ChatSession(model, tokenizer, args.system, args.seed, console)
+        from .session import EngineChat  # after the command line: it imports torch
+
+        session = ChatSession(EngineChat(model, tokenizer, max_batch_size=1), args.system, args.seed, console)
         if args.max_new_tokens:
             session.original_config.max_new_tokens = session.config.max_new_tokens = args.max_new_tokens
         console.print(f"Chatting with {path.name}. Type :help for commands, :exit or Ctrl-D to quit.")

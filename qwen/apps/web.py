@@ -5,6 +5,7 @@ output is shown as sanitized Markdown, so HTML or script in a reply never runs i
 """
 
 import argparse
+import copy
 import sys
 import threading
 from collections.abc import Iterator
@@ -50,7 +51,10 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
     10342)."""
     import gradio as gr
 
+    from .session import EngineChat
+
     runs: dict[str, _Run] = {}
+    chat = EngineChat(model, tokenizer, max_batch_size=4)  # the users' turns share its batches
 
     def generate(query: str, history: list, system: str, temperature: float, top_p: float, max_new_tokens: int,
                  request: gr.Request) -> Iterator[tuple[list[dict], list, str]]:
@@ -59,10 +63,11 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
             gr.Warning("Type a message first.")
             yield to_messages(history), history, ""
             return
-        settings = {"max_new_tokens": int(max_new_tokens), **sampling_settings(temperature, top_p=float(top_p))}
+        config = copy.deepcopy(model.generation_config)
+        config.update(max_new_tokens=int(max_new_tokens), **sampling_settings(temperature, top_p=float(top_p)))
         run = runs[request.session_hash] = _Run()
         turn = history + [(query, "")]
-        replies = model.chat_stream(tokenizer, query, history=history, system=system or DEFAULT_SYSTEM, **settings)
+        replies = chat.stream(query, history, system or DEFAULT_SYSTEM, config)
         try:
             for reply in replies:
                 if run.stop.is_set():
