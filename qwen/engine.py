@@ -2,7 +2,7 @@
 
 Requests join a running batch between decode steps and leave it as soon as they finish or are
 cancelled, so many users share each forward pass. Each step (1) frees finished slots and keeps the
-running sequences packed in slots 0..n-1, (2) admits waiting requests into free slots at the top and
+running sequences packed in slots 0..n-1, (2) admits waiting requests into the free slots above them and
 prefills up to ``prefill_chunk`` prompt tokens of them (several short prompts in one right-padded
 batch, a long one a chunk per step), (3) decodes one token for every running sequence in one batch, so
 running streams keep getting tokens while a long prompt is read. A prompt whose prefill is complete
@@ -307,7 +307,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not (self._stopping or self.waiting or self.running or self._launched):
+                while not (self._stopping or self.waiting or self.prefilling or self.running or self._launched):
                     self._lock.wait()
                 if self._stopping:
                     return
@@ -382,9 +382,10 @@ class Engine:
         seq.slot = slot
 
     def _admit(self, seq: Sequence) -> None:
-        """Give ``seq`` the highest free slot, its NTK alpha and the cached prefix of its prompt."""
+        """Give ``seq`` the lowest free slot (above the running ones: admitted prompts, completed in order,
+        then mostly land where they are) and its NTK alpha."""
         taken = {s.slot for s in self.running} | {s.slot for s in self.prefilling}
-        seq.slot = max(set(range(self.max_batch_size)) - taken)
+        seq.slot = min(set(range(self.max_batch_size)) - taken)
         self.prefilling.append(seq)
         self.stats.reset(seq.slot, seq.prompt_ids)
         if self.config.use_dynamic_ntk:

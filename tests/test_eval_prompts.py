@@ -94,9 +94,35 @@ def test_choice_probs_are_the_double_softmax_and_padding_free(tiny_model, tokeni
         assert scoring.argmax_letter(batched[row].tolist()) == "ABCD"[int(logits[choices].argmax())]
 
 
-def test_batches_by_length_cover_every_index_once():
-    batches = list(scoring.batches_by_length([3, 9, 1, 7, 5], 2))
-    assert batches == [[1, 3], [4, 0], [2]]
+def test_batches_by_prefix_cover_every_index_once_and_group_alike_prompts():
+    prompts = [[5, 1], [1, 2, 3], [5, 0, 9], [1, 2], [9]]
+    assert list(scoring.batches_by_prefix(prompts, 2)) == [[3, 1], [2, 0], [4]]
+    assert scoring.shared_prefix([[1, 2, 3], [1, 2, 4], [1, 2]]) == 1  # each keeps its last token
+    assert scoring.shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
+
+
+def test_few_shot_examples_are_computed_once_per_batch(tiny_model, tokenizer):
+    """Prompts that share their few-shot examples (over SHARED_MIN tokens): the examples go through the model
+    once, and every row's probabilities are those of its own whole prompt."""
+    shots = tokenizer.encode("".join(f"问题：{i}+{i}=?\n答案：{2 * i}\n\n" for i in range(12)))
+    assert len(shots) > scoring.SHARED_MIN
+    ids = [shots + tokenizer.encode(f"问题：{q}\n答案：") for q in ("1+2=?", "a longer question, 3+4=?", "5+5=?")]
+    choices = scoring.letter_ids(tokenizer, spaced=False)
+    pad = tokenizer.special_tokens["<|extra_0|>"]
+    seen: list[int] = []
+    hook = tiny_model.transformer.wte.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        batched = scoring.choice_probs(tiny_model, ids, choices, pad)
+    finally:
+        hook.remove()
+    shared = scoring.shared_prefix(ids)  # the examples and the "问题：" that starts every question
+    assert len(shots) <= shared < min(len(p) for p in ids)
+    assert seen == [shared, len(ids) * max(len(p) - shared for p in ids)]  # shared once, then each row's own
+    for row, prompt in enumerate(ids):
+        with torch.no_grad():
+            logits = tiny_model(torch.tensor([prompt])).logits[0, -1].float()
+        expected = torch.softmax(torch.softmax(logits, -1)[choices], -1)
+        torch.testing.assert_close(batched[row], expected, rtol=1e-4, atol=1e-6)
 
 
 def test_argmax_letter_takes_the_first_of_ties():

@@ -84,6 +84,23 @@ def test_copies_of_one_prompt_are_prefilled_once(model, tokenizer):
     assert [s.cached_tokens for s in seqs] == [0, 64, 64, 64, 0]
 
 
+def test_the_engine_thread_runs_prefills_that_leave_nothing_running(model, tokenizer):
+    """In its own thread (the server's, the eval runners') the engine keeps stepping while prompts are only
+    being prefilled: a chunk at a time, or one waiting for the other's keys, with nothing decoding yet."""
+    import threading
+
+    prompt = ids(80, seed=40)
+    expected = outputs(plain(model, tokenizer), [prompt])[0]
+    engine = Engine(model, tokenizer, max_batch_size=2, prefill_chunk=16).start()
+    try:
+        done = [threading.Event(), threading.Event()]
+        seqs = [engine.submit(prompt, greedy(), lambda _s, _t, last, i=i: last and done[i].set()) for i in (0, 1)]
+        assert all(event.wait(60) for event in done), [s.computed for s in seqs]
+    finally:
+        engine.stop()
+    assert [s.output_ids for s in seqs] == [expected, expected] and seqs[1].cached_tokens == 64
+
+
 def test_a_chat_turn_prefills_only_the_new_message(model, tokenizer):
     from qwen.chat import make_context
 
