@@ -65,14 +65,9 @@ def main() -> None:
     args = parser.parse_args()
 
     started = time.perf_counter()
-    try:
-        build = llamacpp_build.ensure_build(tools=True, targets=["llama-server"], announce=log)
-    except llamacpp_build.LlamaCppUnavailable as exc:
-        print(f"skipped: {exc}")
+    build = llamacpp_build.build_or_exit(["llama-server"], announce=log)
+    if build is None:
         return
-    except llamacpp_build.LlamaCppBuildError as exc:
-        sys.exit(str(exc))
-    log(f"llama-server ready in {build} ({time.perf_counter() - started:.0f} s)")
     tokenizer = QWenTokenizer()
     reply = text(60, seed=99, tokenizer=tokenizer)
     queries = [text(args.message_tokens, seed=turn, tokenizer=tokenizer) for turn in range(args.turns)]

@@ -214,15 +214,8 @@ def main() -> None:
     if args.rounds < 1 or args.threads < 1:
         parser.error("--rounds and --threads must be at least 1")
 
-    start = time.perf_counter()
-    try:
-        build = llamacpp_build.ensure_build(tools=True, targets=llamacpp_build.TOOLS, announce=log)
-    except llamacpp_build.LlamaCppUnavailable as exc:
-        print(f"skipped: {exc}")
+    if llamacpp_build.build_or_exit(llamacpp_build.TOOLS, announce=log) is None:
         return
-    except llamacpp_build.LlamaCppBuildError as exc:
-        sys.exit(str(exc))
-    log(f"llama.cpp tools ready in {build} ({time.perf_counter() - start:.0f} s)")
 
     torch.set_num_threads(args.threads)
     params = parameter_count(args.shape)

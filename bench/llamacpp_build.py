@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -124,6 +125,22 @@ def ensure_build(tools: bool, targets: list[str] | tuple[str, ...],
         if done.returncode != 0:
             raise LlamaCppBuildError(f"llama.cpp build failed: {' '.join(cmd)}\n{(done.stdout + done.stderr)[-3000:]}")
     os.replace(partial, build)  # only a finished build is ever taken from the cache
+    return build
+
+
+def build_or_exit(targets: list[str] | tuple[str, ...], announce: Callable[[str], None] = _announce_to_stderr
+                  ) -> Path | None:
+    """The benches' way in: the tools build with ``targets``; None (after printing why, so the bench exits 0)
+    where llama.cpp cannot be built here, and a one-line exit where the build itself failed."""
+    start = time.perf_counter()
+    try:
+        build = ensure_build(tools=True, targets=targets, announce=announce)
+    except LlamaCppUnavailable as exc:
+        print(f"skipped: {exc}")
+        return None
+    except LlamaCppBuildError as exc:
+        sys.exit(str(exc))
+    announce(f"llama.cpp ({', '.join(targets)}) ready in {build} ({time.perf_counter() - start:.0f} s)")
     return build
 
 

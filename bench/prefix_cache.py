@@ -120,6 +120,15 @@ def nothing_shared(engines: dict[str, Engine], tokenizer, rounds: int) -> dict[s
             for name, s in seconds.items()}
 
 
+def print_series(title: str, column: str, series: dict[str, list[float]]) -> None:
+    width = len(next(iter(series.values())))
+    print(f"{title}:\n")
+    print("| engine | " + " | ".join(f"{column} {i + 1}" for i in range(width)) + " |")
+    print("|---|" + "---:|" * width)
+    for name, values in series.items():
+        print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in values) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["1.8b", "tiny"], default="1.8b")
@@ -151,18 +160,9 @@ def main() -> None:
 
     print(f"\nQwen-{args.shape} shape, random {args.dtype} weights, {args.threads} threads, {cpu_name()}, load "
           f"average {os.getloadavg()[0]:.1f}; {time.perf_counter() - started:.0f} s in all.\n")
-    names = list(chat)
-    print("Long chat, time to first token per turn (s):\n")
-    print("| engine | " + " | ".join(f"turn {i + 1}" for i in range(len(chat[names[0]]))) + " |")
-    print("|---|" + "---:|" * len(chat[names[0]]))
-    for name in names:
-        print(f"| {name} | " + " | ".join(f"{t:.2f}" for t in chat[name]) + " |")
+    print_series("Long chat, time to first token per turn (s)", "turn", chat)
     print(f"\nTurn 6: {chat['neither'][-1] / chat['cache + chunks'][-1]:.1f}x faster with the cache.\n")
-    print("Agent loop, time to first token per call (s):\n")
-    print("| engine | " + " | ".join(f"call {i + 1}" for i in range(len(agent[names[0]]))) + " |")
-    print("|---|" + "---:|" * len(agent[names[0]]))
-    for name in names:
-        print(f"| {name} | " + " | ".join(f"{t:.2f}" for t in agent[name]) + " |")
+    print_series("Agent loop, time to first token per call (s)", "call", agent)
     print(f"\nWhile a {long_tokens}-token prompt is admitted, 8 running streams wait between tokens (s):\n")
     print("| prefill | steps | gap p50 | gap p99 | longest gap |")
     print("|---|---:|---:|---:|---:|")
