@@ -28,6 +28,7 @@ if TYPE_CHECKING:  # the front ends read PREFIX_CACHE_BYTES before they import t
     LayerKV = list[tuple[torch.Tensor, torch.Tensor]]  # per layer: keys, values [heads, tokens, head_dim]
 
 PREFIX_CACHE_BYTES = 2 << 30  # the default budget, on a CPU or a GPU
+PREFILL_CHUNK = 2048  # the engine's default: the most prompt tokens one step prefills
 
 
 @dataclass(eq=False)

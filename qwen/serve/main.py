@@ -12,7 +12,7 @@ from pathlib import Path
 
 from ..loading import DEMO_NAME, add_model_args, front_end_checkpoint, load_model, positive_int
 from ..ports import API_PORT, port_number, port_problem
-from ..prefix_cache import PREFIX_CACHE_BYTES
+from ..prefix_cache import PREFILL_CHUNK, PREFIX_CACHE_BYTES
 
 NO_CHECKPOINT = """error: no checkpoint given. Pass -c/--checkpoint-path with an original Qwen v1 folder
 (e.g. a downloaded Qwen-7B-Chat: config.json, model*.safetensors, qwen.tiktoken, ...).
@@ -46,8 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "with them (chat history, tools prompts, few-shot examples); 0 turns it off "
                         "(default: %(default)g)")
     p.add_argument("--prefill-chunk", type=positive_int, metavar="TOKENS",
-                   help="the most prompt tokens prefilled per step, between which running streams decode "
-                        "(default: 512 on a CPU, 2048 on a GPU)")
+                   help="the most prompt tokens prefilled per step, between which running streams decode: smaller "
+                        "keeps streams smoother while a long prompt is read, larger serves bursts of prompts "
+                        f"faster (default: {PREFILL_CHUNK})")
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
     p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
     add_model_args(p)
