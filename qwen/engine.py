@@ -455,11 +455,7 @@ class Engine:
             real = torch.arange(width, device=self.device)[None] < device_tensor(counts, self.device)[:, None]
             # A padding query may see every key (its output is never used) rather than none (NaN).
             mask = ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]
-        alpha = self.alpha[device_tensor(slots, self.device)]
-        hidden = self.model.transformer(
-            input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache, use_cache=True,
-            ntk_alpha_override=alpha,
-        ).last_hidden_state
+        hidden = self._hidden(ids, positions, mask, self.alpha[device_tensor(slots, self.device)])
         for seq, n in zip(batch, counts, strict=True):
             seq.computed += n
         done = [i for i, seq in enumerate(batch) if seq.prefilled]
@@ -533,18 +529,15 @@ class Engine:
                      alpha: torch.Tensor) -> torch.Tensor:
         kernels = self.decode_attention
         with sdpa_kernel(list(kernels)) if kernels is not None else contextlib.nullcontext():
-            return self._forward_last(ids, positions, mask, alpha)
+            return self.model.lm_head(self._hidden(ids, positions, mask, alpha)[:, -1])
 
-    def _forward_last(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                      alpha: torch.Tensor, last: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits at position ``last[i]`` of each row (default: its final position), after a forward
-        through the engine's cache."""
-        hidden = self.model.transformer(
+    def _hidden(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                alpha: torch.Tensor) -> torch.Tensor:
+        """The last layer's hidden states after a forward through the engine's cache."""
+        return self.model.transformer(
             input_ids=ids, position_ids=positions, attention_mask=mask, cache=self.cache, use_cache=True,
             ntk_alpha_override=alpha,
         ).last_hidden_state
-        hidden = hidden[:, -1] if last is None else hidden[torch.arange(len(ids), device=ids.device), last]
-        return self.model.lm_head(hidden)
 
     def _sample(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> None:
         """Choose one token per row and hand them to their sequences now (the step's one host sync)."""

@@ -99,15 +99,14 @@ class Int8KVCache(Cache):
 class SlotKVCache:
     """The engine's preallocated cache: one row ("slot") per running sequence, each with its own length.
 
-    Keys/values live in [slots, heads, capacity, head_dim] tensors per layer. Running sequences
-    always occupy slots 0..n-1, so a decode step reads plain views (no gather of the cache).
-    Capacity grows by doubling up to ``max_len``, so memory follows the longest sequence rather
-    than the model's maximum. Before each forward the engine calls ``begin`` to say which slots
-    the batch covers and where each row writes; the model's attention then calls ``update`` as it
-    does on any transformers cache. With ``quantized`` the cache stores the original's int8 form
-    (``quantize_int8`` per forward chunk, per row over the row's own tokens). A layer with an
-    attention window w keeps only its last w keys, in a ring of w entries, so its memory stops
-    growing past the window.
+    Keys/values live in [slots, heads, capacity, head_dim] tensors per layer. Running sequences always occupy
+    slots 0..n-1, so a decode step reads plain views (no gather of the cache). Capacity grows by doubling up
+    to ``max_len``, so memory follows the longest sequence rather than the model's maximum. Before each
+    forward the engine calls ``begin`` (decode) or ``begin_prefill`` to say which slots the batch covers and
+    where each row writes; the model's attention then calls ``update`` as it does on any transformers cache.
+    With ``quantized`` the cache stores the original's int8 form (``quantize_int8`` per forward chunk, per row
+    over the row's own tokens). A layer with an attention window w keeps only its last w keys, in a ring of w
+    entries, so its memory stops growing past the window.
 
     With ``static`` (the engine's compiled decode step) a decode attends over the longest row's
     length rounded up to a power of two (at least the initial capacity), masked, so the step sees a
@@ -170,17 +169,15 @@ class SlotKVCache:
         self.capacity = new
         self._mark_static()
 
-    def begin(self, rows: slice, starts: torch.Tensor | None, q_len: int, kv_len: int,
-              lengths: list[int] | None = None) -> int:
-        """Next forward covers slots ``rows``; with ``starts`` [n] each row writes one token at its
-        own position (decode), without it all rows write ``q_len`` tokens from 0 (prefill, where
-        ``lengths`` gives each row's real, unpadded length). Returns how many keys the forward
-        attends: ``kv_len``, rounded up for a static decode."""
+    def begin(self, rows: slice, starts: torch.Tensor, q_len: int, kv_len: int) -> int:
+        """Next forward decodes slots ``rows``: row i writes one token at its own position ``starts[i]``
+        (prefills go through ``begin_prefill``). Returns how many keys the forward attends: ``kv_len``,
+        rounded up for a static cache."""
         self.ensure_capacity(kv_len)
-        if self.static and starts is not None:
+        if self.static:
             kv_len = min(max(1 << (kv_len - 1).bit_length(), self.initial), self.capacity)
-        self._rows, self._starts, self._q_len, self._kv_len, self._lengths = rows, starts, q_len, kv_len, lengths
-        self._slots, self._offsets = list(range(rows.start, rows.stop)), None
+        self._rows, self._starts, self._q_len, self._kv_len = rows, starts, q_len, kv_len
+        self._slots, self._offsets, self._lengths = [], None, None
         return kv_len
 
     def begin_prefill(self, slots: list[int], offsets: list[int], lengths: list[int]) -> int:
@@ -204,7 +201,7 @@ class SlotKVCache:
         """What is stored for new states: themselves, or their int8 form (quantized, scale, zero)."""
         if not self.quantized:
             return (states,)
-        if self._starts is not None or self._lengths is None:
+        if self._starts is not None:  # decode: one token per row
             return quantize_int8(states)
         parts = [torch.zeros_like(states, dtype=torch.uint8), torch.ones_like(states[..., :1]),
                  torch.zeros_like(states[..., :1])]
@@ -219,16 +216,15 @@ class SlotKVCache:
         decode_idx = None
         if self._starts is not None:
             decode_idx = torch.arange(self._rows.start, self._rows.stop, device=key_states.device)
-        lengths = (self._lengths or [self._q_len] * len(self._slots)) if decode_idx is None else []
         for name, t in store.items():
             if decode_idx is not None:
                 t[decode_idx, :, self._starts % window if window else self._starts] = new[name][:, :, 0]
             elif not window:
-                for row, (slot, length) in enumerate(zip(self._slots, lengths, strict=True)):
-                    offset = self._offsets[row] if self._offsets else 0
+                for row, (slot, offset, length) in enumerate(zip(self._slots, self._offsets, self._lengths,
+                                                                 strict=True)):
                     t[slot, :, offset : offset + length] = new[name][row, :, :length]
             else:  # prefill into a ring: each row's last `window` real positions
-                for row, (slot, length) in enumerate(zip(self._slots, lengths, strict=True)):
+                for row, (slot, length) in enumerate(zip(self._slots, self._lengths, strict=True)):
                     pos = torch.arange(max(0, length - window), length, device=t.device)
                     t[slot, :, pos % window] = new[name][row, :, pos]
         if window and decode_idx is None:

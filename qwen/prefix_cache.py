@@ -80,9 +80,10 @@ class PrefixCache:
             out.append(previous)
         return out
 
-    def _longest(self, tokens: list[int], salt: bytes) -> tuple[_Entry | None, int]:
-        """The entry holding the longest cached prefix of ``tokens`` and that prefix's length."""
-        for hashed in reversed(self._hashes(tokens, salt)):
+    def _longest(self, tokens: list[int], hashes: list[bytes]) -> tuple[_Entry | None, int]:
+        """The entry holding the longest cached prefix of ``tokens`` (whose block ``hashes`` are given) and
+        that prefix's length."""
+        for hashed in reversed(hashes):
             found = self._blocks.get(hashed)
             if found is not None and self._chain_tokens(*found) == tokens[: found[1]]:
                 return found
@@ -109,7 +110,7 @@ class PrefixCache:
     def lookup(self, tokens: list[int], salt: bytes, limit: int) -> tuple[int, list[tuple[int, LayerKV]]]:
         """The cached prefix of ``tokens[:limit]``: its length and the pieces to copy, as (first position,
         per-layer keys and values). Counted in the stats."""
-        entry, length = self._longest(tokens[:limit], salt)
+        entry, length = self._longest(tokens[:limit], self._hashes(tokens[:limit], salt))
         self.stats.lookups += 1
         if not length:
             return 0, []
@@ -123,7 +124,8 @@ class PrefixCache:
         """Keep the whole blocks of ``tokens`` that are not cached yet; ``read(start, end)`` returns their
         keys and values (a copy, per layer). Then drop least recently used entries down to the budget."""
         full = len(tokens) // self.block * self.block
-        parent, start = self._longest(tokens[:full], salt)
+        hashes = self._hashes(tokens[:full], salt)
+        parent, start = self._longest(tokens[:full], hashes)
         if full <= start:
             self._touch(parent)
             return
@@ -136,7 +138,6 @@ class PrefixCache:
         if parent is not None:
             parent.children += 1
         self._entries.add(entry)
-        hashes = self._hashes(tokens[:full], salt)
         for i in range(start // self.block, full // self.block):
             self._blocks[hashes[i]] = (entry, (i + 1) * self.block)
             entry.hashes.append(hashes[i])

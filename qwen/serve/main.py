@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..loading import DEMO_NAME, add_model_args, front_end_checkpoint, load_model, positive_int
+from ..loading import DEMO_NAME, add_model_args, front_end_checkpoint, load_model, non_negative_float, positive_int
 from ..ports import API_PORT, port_number, port_problem
 from ..prefix_cache import PREFILL_CHUNK, PREFIX_CACHE_BYTES
 
@@ -53,16 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
     add_model_args(p)
     return p.parse_args(argv)
-
-
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"expected a number of at least 0, not {text!r}")
-    return value
 
 
 def default_max_model_len(config) -> int:
