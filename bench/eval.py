@@ -1,23 +1,25 @@
 """Evaluation speed: qwen's eval/ scripts against the original scripts' loop, on one random checkpoint.
 
-    python bench/eval.py                        # hidden 256, 4 layers; ~4 min on 2 idle cores
-    python bench/eval.py --mc-items 128 --gsm8k-items 32
+    python bench/eval.py                        # hidden 256, 4 layers, fp32; ~4 min on 2 idle cores
+    python bench/eval.py --shape 1.8b --mc-items 32 --gsm8k-items 8 --new-tokens 32   # Qwen-1.8B shape, bf16
 
-Two tasks, each run both ways on the same data in the same process:
+Two tasks, each run three ways on the same data in the same process:
 
 - multiple choice (C-Eval's 5-shot prompt): the original loop runs one prompt per forward pass and
   projects every position onto the vocabulary, then reads the last; ours is the evaluate_ceval.py
-  program (``qwen.eval.tasks``), which scores batches of prompts sorted by length and projects only
-  the last position.
+  program (``qwen.eval.tasks``), which scores batches of prompts ordered by their tokens, computes a
+  batch's shared few-shot examples once and projects only the last position.
 - generation (GSM8K's 8-shot prompt, greedy): the original loop calls ``model.generate`` once per
   question and cuts the text afterwards; ours is the evaluate_gsm8k.py program, which runs every
-  question through the engine's continuous batching and stops a question at its first cut marker.
+  question through the engine's continuous batching, reuses the examples' keys and values from the
+  prefix cache and stops a question at its first cut marker.
 
-Ours is timed over the whole program (loading, prompts, logging, results included); the original
-loop over its loop only. Items/s and the speed-up are printed with the number of predictions that
-differ (they must not: the GSM8K completions are compared as text). The data is synthetic (the
-model is random), sized like the real prompts: a C-Eval 5-shot prompt is ~600 tokens, a GSM8K
-8-shot prompt ~900.
+Ours runs twice: with ``--prefix-cache-gb 0`` (no prefix shared: every prompt is computed whole) and with
+the default, so the prefix cache's share of the speed-up shows apart. Ours is timed over the whole program
+(loading, prompts, logging, results included); the original loop over its loop only. Items/s and the
+speed-ups are printed with the number of predictions that differ from the original's (they must not: the
+GSM8K completions are compared as text). The data is synthetic (the model is random), sized like the real
+prompts: a C-Eval 5-shot prompt is ~600 tokens, a GSM8K 8-shot prompt ~900.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name  # bench/machine.py
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import qwen  # noqa: F401  (registers the Auto classes)
@@ -91,16 +94,16 @@ def original_gsm8k(model, tokenizer, questions: list[str]) -> tuple[list[str], f
     return completions, time.perf_counter() - start
 
 
-def timed(run) -> float:
-    start = time.perf_counter()
-    run()
-    return time.perf_counter() - start
+SHAPES = {  # qwen.tiny's arguments and the weights' dtype
+    "small": dict(layers=4, hidden=256, heads=4, intermediate=1024, dtype=torch.float32),
+    "1.8b": dict(layers=24, hidden=2048, heads=16, intermediate=11008, dtype=torch.bfloat16),  # Qwen-1.8B's
+}
+CACHE_RUNS = (("--prefix-cache-gb 0", ["--prefix-cache-gb", "0"]), ("default (prefix cache)", []))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--shape", choices=list(SHAPES), default="small")
     parser.add_argument("--mc-items", type=int, default=64)
     parser.add_argument("--gsm8k-items", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=256, help="max_new_tokens of the checkpoint (both runs)")
@@ -108,8 +111,9 @@ def main() -> None:
     args = parser.parse_args()
     rng = random.Random(0)
     work = Path(tempfile.mkdtemp(prefix="qwen-bench-eval-"))
-    checkpoint = make_tiny_checkpoint(work / "model", layers=args.layers, hidden=args.hidden, heads=4,
-                                      intermediate=4 * args.hidden, chat=False)
+    shape = dict(SHAPES[args.shape])
+    dtype = shape.pop("dtype")
+    checkpoint = make_tiny_checkpoint(work / "model", chat=False, dtype=dtype, **shape)
     generation = json.loads((checkpoint / "generation_config.json").read_text())
     (checkpoint / "generation_config.json").write_text(json.dumps({**generation, "max_new_tokens": args.new_tokens}))
     write_ceval(work / "ceval", args.mc_items, rng)
@@ -118,33 +122,46 @@ def main() -> None:
                                               for q in questions))
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
-    common = ["-c", str(checkpoint), "--batch-size", str(args.batch_size), "--no-progress", "--overwrite"]
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=dtype).eval()
+    dtype_flag = str(dtype).removeprefix("torch.")
+    common = ["-c", str(checkpoint), "--batch-size", str(args.batch_size), "--dtype", dtype_flag, "--no-progress",
+              "--overwrite"]
 
-    print(f"model: {args.layers} layers, hidden {args.hidden}, vocabulary 151,936, fp32, "
-          f"{torch.get_num_threads()} threads; work folder {work}")
+    print(f"model: Qwen {args.shape} shape ({shape['layers']} layers, hidden {shape['hidden']}), vocabulary "
+          f"151,936, {dtype_flag}, {torch.get_num_threads()} threads, {cpu_name()}; work folder {work}")
     rows = []
     reference, reference_s = original_multiple_choice(model, tokenizer, work / "ceval", args.mc_items)
-    out = work / "outs-mc"
-    ours_s = timed(lambda: tasks.main_multiple_choice("ceval", [
-        *common, "-d", str(work / "ceval"), "--subjects", "computer_network", "--out-dir", str(out)]))
-    ours = {json.loads(line)["doc_id"]: json.loads(line)["prediction"]
-            for line in (out / "samples.jsonl").read_text().splitlines()}
-    differ = sum(ours[f"computer_network/{i}"] != p for i, p in enumerate(reference))
-    rows.append(("C-Eval 5-shot (letter logits)", len(reference), reference_s, ours_s, differ))
+    runs = []
+    for _, flags in CACHE_RUNS:
+        out = work / f"outs-mc-{len(flags)}"
+        started = time.perf_counter()
+        tasks.main_multiple_choice("ceval", [*common, *flags, "-d", str(work / "ceval"), "--subjects",
+                                             "computer_network", "--out-dir", str(out)])
+        seconds = time.perf_counter() - started
+        ours = {json.loads(line)["doc_id"]: json.loads(line)["prediction"]
+                for line in (out / "samples.jsonl").read_text().splitlines()}
+        runs.append((seconds, sum(ours[f"computer_network/{i}"] != p for i, p in enumerate(reference))))
+    rows.append(("C-Eval 5-shot (letter logits)", len(reference), reference_s, runs))
 
     reference, reference_s = original_gsm8k(model, tokenizer, questions)
-    out = work / "gsm8k_res.jsonl"
-    ours_s = timed(lambda: tasks.main_gsm8k(False, [*common, "-f", str(work / "gsm8k.jsonl"), "-o", str(out)]))
-    ours = {json.loads(line)["doc_id"]: json.loads(line)["completion"] for line in out.read_text().splitlines()}
-    differ = sum(ours[str(i)] != c for i, c in enumerate(reference))
-    rows.append((f"GSM8K 8-shot (greedy, <= {args.new_tokens} tokens)", len(reference), reference_s, ours_s, differ))
+    runs = []
+    for _, flags in CACHE_RUNS:
+        out = work / f"gsm8k_res-{len(flags)}.jsonl"
+        started = time.perf_counter()
+        tasks.main_gsm8k(False, [*common, *flags, "-f", str(work / "gsm8k.jsonl"), "-o", str(out)])
+        seconds = time.perf_counter() - started
+        ours = {json.loads(line)["doc_id"]: json.loads(line)["completion"] for line in out.read_text().splitlines()}
+        runs.append((seconds, sum(ours[str(i)] != c for i, c in enumerate(reference))))
+    rows.append((f"GSM8K 8-shot (greedy, <= {args.new_tokens} tokens)", len(reference), reference_s, runs))
 
     print()
-    print("| task | items | original loop items/s | qwen eval items/s | speed-up | predictions differing |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name, n, ref_s, our_s, diff in rows:
-        print(f"| {name} | {n} | {n / ref_s:.2f} | {n / our_s:.2f} | {ref_s / our_s:.1f}x | {diff} |")
+    print("| task | items | original loop items/s | " + " | ".join(f"qwen eval, {label}: items/s"
+                                                           for label, _ in CACHE_RUNS)
+          + " | speed-up over the original | prefix cache's part | predictions differing |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    for name, n, ref_s, ((off_s, off_diff), (on_s, on_diff)) in rows:
+        print(f"| {name} | {n} | {n / ref_s:.2f} | {n / off_s:.2f} | {n / on_s:.2f} | {ref_s / on_s:.1f}x | "
+              f"{off_s / on_s:.2f}x | {off_diff}, {on_diff} |")
 
 
 if __name__ == "__main__":

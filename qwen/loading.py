@@ -82,6 +82,20 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "cores to other work, more than the physical cores slows decoding)")
 
 
+def add_prefix_cache_arg(parser: argparse.ArgumentParser) -> None:
+    """``--prefix-cache-gb``, taken by the server and the eval scripts; read it with :func:`prefix_cache_bytes`."""
+    from .prefix_cache import PREFIX_CACHE_BYTES
+
+    parser.add_argument("--prefix-cache-gb", type=non_negative_float, default=PREFIX_CACHE_BYTES / 2**30,
+                        help="memory for keys and values of earlier prompts and replies, reused by requests that "
+                             "start with them (chat history, tools prompts, few-shot examples); 0 turns it off "
+                             "(default: %(default)g)")
+
+
+def prefix_cache_bytes(args: argparse.Namespace) -> int:
+    return int(args.prefix_cache_gb * 2**30)
+
+
 def positive_int(text: str) -> int:
     try:
         value = int(text)

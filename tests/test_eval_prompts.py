@@ -123,6 +123,15 @@ def test_few_shot_examples_are_computed_once_per_batch(tiny_model, tokenizer):
             logits = tiny_model(torch.tensor([prompt])).logits[0, -1].float()
         expected = torch.softmax(torch.softmax(logits, -1)[choices], -1)
         torch.testing.assert_close(batched[row], expected, rtol=1e-4, atol=1e-6)
+    # --prefix-cache-gb 0: one left-padded forward over whole prompts, the same probabilities
+    seen.clear()
+    hook = tiny_model.transformer.wte.register_forward_hook(lambda m, args, out: seen.append(args[0].numel()))
+    try:
+        unshared = scoring.choice_probs(tiny_model, ids, choices, pad, share_prefix=False)
+    finally:
+        hook.remove()
+    assert seen == [len(ids) * max(len(p) for p in ids)]
+    torch.testing.assert_close(unshared, batched, rtol=1e-4, atol=1e-6)
 
 
 def test_argmax_letter_takes_the_first_of_ties():

@@ -191,6 +191,10 @@ def test_gsm8k_scripts(data, tiny_base, tiny_chat, tmp_path):
         assert "\n\n" not in s["completion"] and "Question:" not in s["completion"]
         assert s["acc"] == s["correct"] == (s["prediction"] == int(s["answer"].rsplit(" ", 1)[1]))
     assert json.loads((tmp_path / "base.json").read_text())["n-samples"]["gsm8k"]["effective"] == 2
+    # The second question reused the 8-shot examples' keys from the prefix cache; without it, the same text.
+    script("evaluate_gsm8k", "-c", tiny_base, "-f", data / "gsm8k.jsonl", "--limit", 2, "--max-new-tokens", 24,
+           "--prefix-cache-gb", 0, "-o", "uncached.jsonl", "--no-progress", cwd=tmp_path)
+    assert [s["completion"] for s in read_jsonl(tmp_path / "uncached.jsonl")] == [s["completion"] for s in samples]
     result = script("evaluate_chat_gsm8k", "-c", tiny_chat, "-f", data / "gsm8k.jsonl", "--limit", 2,
                     "--use-fewshot", "-o", "chat.jsonl", "--max-new-tokens", 16, "--no-progress", cwd=tmp_path)
     assert "gsm8k (4-shot)" in result.stdout

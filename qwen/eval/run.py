@@ -29,7 +29,7 @@ from . import EvalError
 
 def add_common_args(parser: argparse.ArgumentParser, default_checkpoint: str, api: bool = True) -> None:
     """The original scripts' -c/-s plus the harness conveniences and the shared model flags."""
-    from qwen.loading import add_model_args, positive_int
+    from qwen.loading import add_model_args, add_prefix_cache_arg, positive_int
 
     parser.add_argument("-c", "--checkpoint-path", default=default_checkpoint,
                         help="original Qwen checkpoint folder (default: %(default)s)")
@@ -46,6 +46,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_checkpoint: str, ap
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = parser.add_argument_group("model flags (local checkpoint)")
     add_model_args(group)
+    add_prefix_cache_arg(group)
     if api:
         group = parser.add_argument_group("OpenAI-compatible server (instead of a local checkpoint)")
         group.add_argument("--api-base", metavar="URL", help="e.g. http://127.0.0.1:8000/v1")
@@ -118,7 +119,7 @@ class LocalBackend(Backend):
     """A checkpoint folder loaded with this package (``qwen.loading``: --int8, --kv-cache-int8 ...)."""
 
     def __init__(self, args: argparse.Namespace, chat: bool) -> None:
-        from qwen.loading import CheckpointNotFoundError, checkpoint_folder, load_model
+        from qwen.loading import CheckpointNotFoundError, checkpoint_folder, load_model, prefix_cache_bytes
 
         try:
             path = checkpoint_folder(args.checkpoint_path)
@@ -135,6 +136,7 @@ class LocalBackend(Backend):
         self.base_penalty = getattr(config, "repetition_penalty", None) or 1.0
         self.max_window_size = getattr(config, "max_window_size", None) or 6144
         self.batch_size = args.batch_size
+        self.prefix_cache_bytes = prefix_cache_bytes(args)
 
     def choice_probs(self, prompts, spaced_letters, batch_size, truncate, on_batch, show) -> None:
         from .scoring import letter_ids, score_choices
@@ -149,7 +151,8 @@ class LocalBackend(Backend):
             bar.update(len(batch))
 
         pad = self.tokenizer.special_tokens["<|extra_0|>"]
-        score_choices(self.model, ids, letter_ids(self.tokenizer, spaced_letters), pad, batch_size, done)
+        score_choices(self.model, ids, letter_ids(self.tokenizer, spaced_letters), pad, batch_size, done,
+                      share_prefix=self.prefix_cache_bytes > 0)
         bar.close()
 
     def prompt_ids(self, request: Request) -> list[int]:
@@ -168,7 +171,8 @@ class LocalBackend(Backend):
         prompts = [self.prompt_ids(r) for r in requests]
         longest = max((len(p) for p in prompts), default=0)
         engine = Engine(self.model, tok, max_batch_size=self.batch_size,
-                        max_model_len=max(self.model.config.seq_length, longest + self.max_new_tokens + 1))
+                        max_model_len=max(self.model.config.seq_length, longest + self.max_new_tokens + 1),
+                        prefix_cache_bytes=self.prefix_cache_bytes)
         finished: queue.Queue = queue.Queue()
         engine.start()
         try:

@@ -56,10 +56,12 @@ def shared_prefix(prompts: Sequence[Sequence[int]]) -> int:
 
 
 @torch.inference_mode()
-def choice_probs(model, prompts: Sequence[Sequence[int]], choices: Sequence[int], pad_id: int) -> torch.Tensor:
+def choice_probs(model, prompts: Sequence[Sequence[int]], choices: Sequence[int], pad_id: int,
+                 share_prefix: bool = True) -> torch.Tensor:
     """[len(prompts), len(choices)] probabilities, as the original stores them: the softmax over the
-    choices of their softmax probabilities over the whole vocabulary at the last position."""
-    shared = shared_prefix(prompts)
+    choices of their softmax probabilities over the whole vocabulary at the last position.
+    ``share_prefix=False`` runs every batch as one left-padded forward (``--prefix-cache-gb 0``)."""
+    shared = shared_prefix(prompts) if share_prefix else 0
     # Past seq_length dynamic NTK and logn depend on the whole length; int8 keys take scales per forward.
     plain_keys = max(len(p) for p in prompts) <= model.config.seq_length and not model.config.use_cache_quantization
     if shared >= SHARED_MIN and plain_keys:
@@ -89,11 +91,12 @@ def score_choices(
     pad_id: int,
     batch_size: int,
     on_batch: Callable[[list[int], torch.Tensor], None],
+    share_prefix: bool = True,
 ) -> None:
     """Score every prompt, calling ``on_batch(indices, probs)`` after each forward pass (so results
     can be written, and an interrupted run resumed, batch by batch)."""
     for batch in batches_by_prefix(prompts, batch_size):
-        on_batch(batch, choice_probs(model, [prompts[i] for i in batch], choices, pad_id))
+        on_batch(batch, choice_probs(model, [prompts[i] for i in batch], choices, pad_id, share_prefix))
 
 
 def argmax_letter(probs: Sequence[float]) -> str:

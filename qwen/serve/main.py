@@ -10,9 +10,17 @@ import sys
 import time
 from pathlib import Path
 
-from ..loading import DEMO_NAME, add_model_args, front_end_checkpoint, load_model, non_negative_float, positive_int
+from ..loading import (
+    DEMO_NAME,
+    add_model_args,
+    add_prefix_cache_arg,
+    front_end_checkpoint,
+    load_model,
+    positive_int,
+    prefix_cache_bytes,
+)
 from ..ports import API_PORT, port_number, port_problem
-from ..prefix_cache import PREFILL_CHUNK, PREFIX_CACHE_BYTES
+from ..prefix_cache import PREFILL_CHUNK
 
 NO_CHECKPOINT = """error: no checkpoint given. Pass -c/--checkpoint-path with an original Qwen v1 folder
 (e.g. a downloaded Qwen-7B-Chat: config.json, model*.safetensors, qwen.tiktoken, ...).
@@ -41,10 +49,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (CUDA graphs on a GPU: several times faster decoding there); "
                         "compiles at start-up, a minute or more")
-    p.add_argument("--prefix-cache-gb", type=non_negative_float, default=PREFIX_CACHE_BYTES / 2**30,
-                   help="memory for keys and values of earlier prompts and replies, reused by requests that start "
-                        "with them (chat history, tools prompts, few-shot examples); 0 turns it off "
-                        "(default: %(default)g)")
+    add_prefix_cache_arg(p)
     p.add_argument("--prefill-chunk", type=positive_int, metavar="TOKENS",
                    help="the most prompt tokens prefilled per step, between which running streams decode: smaller "
                         "keeps streams smoother while a long prompt is read, larger serves bursts of prompts "
@@ -87,7 +92,7 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
         sys.exit(f"error: cannot load {path}: {exc}")
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                     max_model_len=args.max_model_len or default_max_model_len(model.config), compile=args.compile,
-                    prefix_cache_bytes=int(args.prefix_cache_gb * 2**30), prefill_chunk=args.prefill_chunk)
+                    prefix_cache_bytes=prefix_cache_bytes(args), prefill_chunk=args.prefill_chunk)
     if engine.prefix_cache is None and args.prefix_cache_gb:
         logging.info("prefix cache: off (window attention and the int8 KV cache keep keys that depend on more "
                      "than the tokens)")
