@@ -5,8 +5,8 @@
 
 For each number of activation rows (bf16, as a bf16 model decodes) and each weight shape [N, K] it
 times, with groups of 128: ``torch.ops.qwen.int4_matmul`` (int8 activations, integer dot products;
-what ``Int4Linear`` runs up to ``INT4_KERNEL_MAX_ROWS`` rows); ``int4_dequantize`` to bf16 plus
-PyTorch's matmul (what it runs past that, a prefill); PyTorch's ``_weight_int4pack_mm_for_cpu``
+what ``Int4Linear`` runs in a decode step); ``int4_dequantize`` to bf16 plus
+PyTorch's matmul (what it runs for a prompt); PyTorch's ``_weight_int4pack_mm_for_cpu``
 (what ran before); and PyTorch's bf16 matmul (``F.linear``, oneDNN, AMX where the CPU has it). As in
 ``bench/int8_kernel.py`` (whose timing helpers this reuses), each call takes the next of copies of
 the weight that add up to 1 GiB, so every call reads its weight from memory as a decode step does,

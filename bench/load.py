@@ -19,10 +19,14 @@ its RSS, then loads the folder with ``dtype=torch.bfloat16``. Reported:
 * weight bytes: the sizes of the ``*.safetensors`` files on disk.
 
 Two scenarios: "cold" evicts the files from the page cache first (``posix_fadvise(DONTNEED)`` on the
-checkpoint files only; needs no privileges), "warm" loads right after. The target is peak RSS <= 1.3x
-the weight bytes (a loader that copies every tensor once more, or keeps an fp32 copy, lands at 2x or
-more). Note: ru_maxrss survives exec on Linux, so a child forked from a big process inherits its
-peak; that is why this parent never imports torch or holds weights.
+checkpoint files only; needs no privileges), "warm" loads right after. Then the front ends' loader
+(``qwen.loading.load_model``, what ``openai_api.py`` and the others run) with ``--int8`` and with ``--int4``,
+``--dtype auto``, on the same folder, whose ``bf16``/``fp16``/``fp32`` flags are all false as in the released
+folders: the weights are quantized from bf16, layer by layer, so the peak should stay near the bf16 weights'
+size (quantizing from an fp32 copy of the model took twice that before the whole quantized model existed).
+The target is peak RSS <= 1.3x the weight bytes (a loader that copies every tensor once more, or keeps
+an fp32 copy, lands at 2x or more). Note: ru_maxrss survives exec on Linux, so a child forked from a big
+process inherits its peak; that is why this parent never imports torch or holds weights.
 """
 
 from __future__ import annotations
@@ -45,10 +49,10 @@ TARGET_RATIO = 1.3
 CHILD = r"""
 import json, resource, sys, time
 
-def rss_now():
+def rss_now(field="VmRSS"):
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     return 0
 
@@ -61,11 +65,18 @@ transformers.utils.logging.disable_progress_bar()
 baseline = rss_now()
 baseline_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 t0 = time.perf_counter()
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+if len(sys.argv) > 2:  # the front ends' loader with these flags
+    import argparse
+    from qwen.loading import add_model_args, load_model
+    parser = argparse.ArgumentParser()
+    add_model_args(parser)
+    model = load_model(sys.argv[1], parser.parse_args(sys.argv[2:]))[0]
+else:
+    model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
 load_s = time.perf_counter() - t0
 peak_load = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 after_load = rss_now()
-params = list(model.parameters())
+params = [t for t in (*model.parameters(), *model.buffers()) if t.numel()]
 t0 = time.perf_counter()
 with torch.no_grad():
     for p in params:  # one element per 4 KiB page: pages become resident, nothing is copied
@@ -79,6 +90,7 @@ print(json.dumps({
     "peak_load": peak_load,
     "after_load": after_load,
     "peak_touch": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    "anon": rss_now("RssAnon"),
     "param_bytes": sum(p.numel() * p.element_size() for p in params),
     "dtypes": sorted({str(p.dtype) for p in params}),
     "class": type(model).__name__,
@@ -97,7 +109,7 @@ def checkpoint_matches(path: Path) -> bool:
         "num_attention_heads": SHAPE["heads"],
         "intermediate_size": SHAPE["intermediate"],
         "vocab_size": SHAPE["vocab"],
-        "bf16": True,
+        "bf16": False,  # as released: the weights are bf16, no dtype flag is set
     }
     return all(config.get(k) == v for k, v in want.items())
 
@@ -106,8 +118,10 @@ def build(path: Path) -> float:
     """Write the checkpoint from a child process (keeps this process, and so its children's
     inherited ru_maxrss, small)."""
     code = (
-        "import sys, torch; from qwen.tiny import make_tiny_checkpoint; "
-        f"make_tiny_checkpoint(sys.argv[1], dtype=torch.bfloat16, **{SHAPE!r})"
+        "import json, sys, torch; from pathlib import Path; from qwen.tiny import make_tiny_checkpoint; "
+        f"folder = make_tiny_checkpoint(sys.argv[1], dtype=torch.bfloat16, **{SHAPE!r}); "
+        "config = json.loads((folder / 'config.json').read_text()); "
+        "(folder / 'config.json').write_text(json.dumps({**config, 'bf16': False}, indent=2))"
     )
     t0 = time.perf_counter()
     subprocess.run([sys.executable, "-c", code, str(path)], check=True, cwd=Path(__file__).resolve().parents[1])
@@ -125,11 +139,12 @@ def evict(path: Path) -> None:
             os.close(fd)
 
 
-def measure(path: Path, cold: bool) -> dict:
+def measure(path: Path, cold: bool, flags: tuple[str, ...] = ()) -> dict:
+    """One load in a fresh process: ``from_pretrained`` in bf16, or the front ends' loader with ``flags``."""
     if cold:
         evict(path)
     proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(path)],
+        [sys.executable, "-c", CHILD, str(path), *flags],
         capture_output=True,
         text=True,
         cwd=Path(__file__).resolve().parents[1],
@@ -181,6 +196,19 @@ def report(path: Path, weight_bytes: int, repeats: int) -> float:
     print()
     verdict = "met" if worst <= TARGET_RATIO else "NOT met"
     print(f"Target peak RSS <= {TARGET_RATIO}x weight bytes: {verdict} (worst {worst:.2f}x).")
+
+    print("\nThe front ends' loader (`load_model`, `--dtype auto`), warm page cache:\n")
+    print("| flags | loaded as | load + quantize | weights in memory | peak RSS added | peak / bf16 weight bytes | "
+          "anonymous memory at the end |")
+    print("|---|---|---|---|---|---|---|")
+    for flags in (("--int8",), ("--int4",)):
+        r = measure(path, cold=False, flags=flags)
+        ratio = (r["peak_touch"] - r["baseline"]) / weight_bytes
+        worst = max(worst, ratio)
+        print(f"| `{' '.join(flags)}` | {', '.join(r['dtypes'])} | {r['load_s']:.1f} s | {gib(r['param_bytes'])} | "
+              f"{gib(r['peak_touch'] - r['baseline'])} | {ratio:.2f}x | {gib(r['anon'])} |")
+    print("\nThe peak counts the folder's pages that quantizing read: mapped from the safetensors files, clean, so the "
+          "kernel drops them under memory pressure; anonymous memory (what cannot be dropped) is the last column.")
     return worst
 
 

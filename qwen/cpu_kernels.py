@@ -14,7 +14,8 @@ kernel streams the weights. Three kernels do that better than PyTorch's on AVX-5
 Each is compiled by ``torch.utils.cpp_extension`` (about 15 s; cached under
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``) and needs a C++ compiler and ninja (a
 dependency of this package). ``QWEN_INT8_KERNEL=torch``, ``QWEN_INT4_KERNEL=torch`` and
-``QWEN_BF16_KERNEL=torch`` skip them.
+``QWEN_BF16_KERNEL=torch`` skip them. ``python -m qwen.cpu_kernels`` builds all three ahead of time (the
+Docker image does, so a container starts without compiling).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -40,19 +42,36 @@ logger = logging.getLogger(__name__)
 BF16_KERNEL_MAX_ROWS = 3
 
 
-def _build(name: str, label: str, flags: list[str]) -> bool:
-    """Compile and load ``csrc/{name}.cpp`` (once per source, torch and Python version); False with a
-    warning naming the fix when it cannot be built. ``label`` names it in messages ("int8")."""
-    from torch.utils.cpp_extension import get_default_build_root, load
+def build_folder(name: str) -> Path:
+    """Where ``csrc/{name}.cpp`` is built: one folder per source, torch and Python version, under
+    ``$TORCH_EXTENSIONS_DIR`` or torch's default."""
+    from torch.utils.cpp_extension import get_default_build_root
 
-    source = Path(__file__).with_name("csrc") / f"{name}.cpp"
-    tag = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
+    tag = hashlib.sha256((Path(__file__).with_name("csrc") / f"{name}.cpp").read_bytes()).hexdigest()[:12]
     python = f"py{sys.version_info[0]}{sys.version_info[1]}"
     root = os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()
-    build = Path(root) / f"qwen_{name}-{tag}-torch{torch.__version__}-{python}"
+    return Path(root) / f"qwen_{name}-{tag}-torch{torch.__version__}-{python}"
+
+
+# label: (source name in csrc/, compiler flags). The flags only let the compiler emit the instructions; each
+# kernel checks that the CPU has them before it is used, so a build runs on any x86-64 machine.
+KERNELS = {
+    "int8": ("int8_matvec", ["-mavx512f"]),
+    "int4": ("int4_matvec", []),  # per-function targets: AVX-512 VNNI or AVX2, picked at run time
+    "bf16": ("bf16_matvec", ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
+}
+
+
+def _build(label: str, name: str, flags: list[str]) -> bool:
+    """Compile and load ``csrc/{name}.cpp`` (once per source, torch and Python version); False with a
+    warning naming the fix when it cannot be built. ``label`` names it in messages ("int8")."""
+    from torch.utils.cpp_extension import load
+
+    source, build = Path(__file__).with_name("csrc") / f"{name}.cpp", build_folder(name)
     if not build.exists():
         logger.warning("building qwen's %s CPU kernel in %s (once, about 15 s)", label, build)
         build.mkdir(parents=True, exist_ok=True)
+    wait_for_build_lock(build / "lock", label)
     _put_ninja_on_path()
     try:
         # -fopenmp only compiles at::parallel_for's OpenMP loop: the symbols come from the libgomp that
@@ -68,6 +87,31 @@ def _build(name: str, label: str, flags: list[str]) -> bool:
             stacklevel=3,
         )
         return False
+
+
+STALE_LOCK_SECONDS = 300  # a build takes about 15 s; a lock this old was left by one that was killed
+
+
+def wait_for_build_lock(lock: Path, label: str, stale_after: float = STALE_LOCK_SECONDS) -> None:
+    """Wait while another process builds the kernel (torch keeps a ``lock`` file in the build folder while it
+    compiles), saying so; remove a lock older than ``stale_after`` seconds. torch would wait for a lock left by
+    a killed build forever, without a word."""
+    said = False
+    while True:
+        try:
+            age = time.time() - lock.stat().st_mtime
+        except FileNotFoundError:
+            return
+        if age > stale_after:
+            logger.warning("removing %s, left %.0f s ago by a build of qwen's %s kernel that did not finish",
+                           lock, age, label)
+            lock.unlink(missing_ok=True)
+            return
+        if not said:
+            logger.warning("waiting for another process that is building qwen's %s kernel (%s; if none is, "
+                           "delete that file)", label, lock)
+            said = True
+        time.sleep(0.5)
 
 
 def _put_ninja_on_path() -> None:
@@ -90,7 +134,7 @@ def qwen_int8_kernel():
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
         logger.info("this CPU has no AVX-512: int8 layers use PyTorch's int8 kernel")
         return None
-    if not _build("int8_matvec", "int8", ["-mavx512f"]):
+    if not _build("int8", *KERNELS["int8"]):
         return None
     # The output's shape and dtype, for torch.compile (the engine's compiled decode step).
     torch.library.register_fake("qwen::int8_matmul")(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
@@ -107,7 +151,7 @@ def qwen_int4_kernel():
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         logger.info("this CPU has no AVX2: int4 layers use PyTorch's int4 kernel")
         return None
-    if not _build("int4_matvec", "int4", []):
+    if not _build("int4", *KERNELS["int4"]):
         return None
     torch.library.register_fake("qwen::int4_matmul")(
         lambda x, packed, scale_zero, group_size, avx2=False: x.new_empty(x.shape[0], packed.shape[0]))
@@ -123,9 +167,9 @@ def qwen_bf16_kernel():
     (no ``avx512_bf16``, no compiler, or ``QWEN_BF16_KERNEL=torch``)."""
     if os.environ.get("QWEN_BF16_KERNEL", "auto") == "torch" or not torch.cpu._is_avx512_bf16_supported():
         return None
-    if not _build("bf16_matvec", "bf16", ["-mavx512f", "-mavx512bw", "-mavx512bf16"]):
+    if not _build("bf16", *KERNELS["bf16"]):
         return None
-    torch.library.register_fake("qwen::bf16_matmul")(lambda x, w: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("qwen::bf16_matmul")(lambda x, w, bias=None: x.new_empty(x.shape[0], w.shape[0]))
     return torch.ops.qwen.bf16_matmul
 
 
@@ -137,12 +181,10 @@ class Bf16Linear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16
-                or flat.shape[0] > BF16_KERNEL_MAX_ROWS
+                or flat.shape[0] > BF16_KERNEL_MAX_ROWS or not self.weight.is_contiguous()
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return F.linear(x, self.weight, self.bias)
-        out = torch.ops.qwen.bf16_matmul(flat, self.weight)
-        out = out.reshape(*x.shape[:-1], self.out_features)
-        return out + self.bias if self.bias is not None else out
+        return torch.ops.qwen.bf16_matmul(flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
 
 
 def use_cpu_kernels_(model: nn.Module) -> nn.Module:
@@ -155,3 +197,17 @@ def use_cpu_kernels_(model: nn.Module) -> nn.Module:
         if type(module) is nn.Linear:
             module.__class__ = Bf16Linear
     return model
+
+
+def build_all() -> bool:
+    """Compile every kernel now, whatever this CPU has: a container image built on one machine then starts
+    without a compiler run (``python -m qwen.cpu_kernels``, in docker/Dockerfile). True if all were built."""
+    return all([_build(label, name, flags) for label, (name, flags) in KERNELS.items()])
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    ok = build_all()
+    for label, (name, _) in KERNELS.items():
+        print(f"{label}: {build_folder(name)}")
+    sys.exit(0 if ok else 1)

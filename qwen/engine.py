@@ -443,6 +443,10 @@ class Engine:
             counts.append(min(len(seq.prompt_ids) - seq.computed, budget))
             budget -= counts[-1]
         offsets, width = [s.computed for s in batch], max(counts)
+        # A quantized layer takes one column per sequence for a decode step; a prompt's tokens must take the
+        # prefill path whatever else is in the chunk (qwen.quantization.one_token_each): pad a lone column.
+        padded = width == 1 and not any(self.cache.windows)  # (a ring layer's prefill attends its own chunk)
+        width += padded
         ids = torch.tensor([s.prompt_ids[o : o + n] + [0] * (width - n) for s, o, n in zip(batch, offsets, counts,
                                                                                          strict=True)],
                            device=self.device)
@@ -450,7 +454,7 @@ class Engine:
         slots = [s.slot for s in batch]
         kv_len = self.cache.begin_prefill(slots, offsets, counts)
         mask = None  # from position 0, right padding needs only the causal mask
-        if any(offsets):
+        if any(offsets) or padded:
             keys = torch.arange(kv_len, device=self.device)
             real = torch.arange(width, device=self.device)[None] < device_tensor(counts, self.device)[:, None]
             # A padding query may see every key (its output is never used) rather than none (NaN).

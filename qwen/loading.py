@@ -65,7 +65,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model flags every front end takes."""
     parser.add_argument("--cpu-only", action="store_true", help="run on the CPU even if a GPU is present")
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
-                        help="weights dtype (auto: the checkpoint's bf16/fp16 flags, else bf16 on GPU, fp32 on CPU)")
+                        help="weights dtype (auto: the checkpoint's bf16/fp16/fp32 flag; else bf16 on a GPU and with "
+                             "--int8/--int4; on a CPU the stored dtype for fp32 weights, else bf16 on CPUs with "
+                             "AVX-512 BF16 or AMX, fp32 on others)")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--int8", action="store_true", help="int8 weight-only Linear layers (faster on CPU)")
     quant.add_argument("--int4", action="store_true",
@@ -124,6 +126,39 @@ def parse_window(spec: str) -> tuple[int, int]:
     return low, high
 
 
+def stored_dtype(folder: Path):
+    """The dtype of the folder's first floating-point tensor in its safetensors files, or None (no safetensors
+    files: a legacy ``.bin`` folder)."""
+    import torch
+    from safetensors import safe_open
+
+    dtypes = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as f:
+            for key in f.keys():
+                if (dtype := dtypes.get(f.get_slice(key).get_dtype())) is not None:
+                    return dtype
+    return None
+
+
+def auto_dtype(config, stored, on_cpu: bool, quantized: bool):
+    """``--dtype auto``: None (the model's own choice) where the folder's bf16/fp16/fp32 flag says, or on a GPU (the
+    original's choice, bf16 where supported). On a CPU: bf16 for ``--int8``/``--int4`` (quantized from the stored
+    weights without an fp32 model on the way, which would take twice a bf16 folder's memory); fp32 for weights
+    stored in fp32 (their own precision); else (the released folders are bf16) bf16 where the CPU multiplies it in
+    hardware (AVX-512 BF16 or AMX: faster, and half the memory), fp32 where bf16 arithmetic is emulated."""
+    import torch
+
+    if config.flag_dtype() is not None or not on_cpu:
+        return None
+    if quantized:
+        return torch.bfloat16
+    if stored == torch.float32:
+        return torch.float32
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.bfloat16 if native else torch.float32
+
+
 def load_model(path: str | Path, args: argparse.Namespace):
     """Model (eval mode) and tokenizer from a checkpoint folder, as the flags of ``add_model_args`` ask."""
     import torch
@@ -145,7 +180,11 @@ def load_model(path: str | Path, args: argparse.Namespace):
         layers = AutoConfig.from_pretrained(path).num_hidden_layers
         overrides.update(use_window_attn=True, window_size=window_schedule(layers, low, high))
     device_map = "cpu" if args.cpu_only or not torch.cuda.is_available() else "auto"
-    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    if args.dtype == "auto":
+        dtype = auto_dtype(AutoConfig.from_pretrained(path), stored_dtype(path), device_map == "cpu",
+                           args.int8 or args.int4)
+    else:
+        dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)
     gptq = find_gptq_config(path) is not None
     if args.int4 and gptq:

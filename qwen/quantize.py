@@ -3,7 +3,6 @@ they live in ``qwen.quantization.layers``."""
 
 from .cpu_kernels import qwen_int8_kernel
 from .quantization.layers import (
-    INT8_KERNEL_MAX_ROWS,
     Int4Linear,
     Int8Linear,
     Kernel,
@@ -15,6 +14,6 @@ from .quantization.layers import (
 )
 
 __all__ = [
-    "INT8_KERNEL_MAX_ROWS", "Int4Linear", "Int8Linear", "Kernel", "dequantize_groups", "quantize_groups",
+    "Int4Linear", "Int8Linear", "Kernel", "dequantize_groups", "quantize_groups",
     "quantize_int4_", "quantize_int8_", "quantize_rows", "qwen_int8_kernel",
 ]

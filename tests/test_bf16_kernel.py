@@ -30,6 +30,52 @@ def test_kernel_equals_float64_reference(rows, n, k):
     assert ((got.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-3 * k**0.5).all()
 
 
+def test_the_bias_is_added_before_the_one_rounding_and_a_strided_weight_is_refused():
+    op = qwen_bf16_kernel()
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(2, 64, generator=g).bfloat16(), torch.randn(48, 64, generator=g).bfloat16()
+    bias = (torch.randn(48, generator=g) * 100).bfloat16()  # large: rounding before adding it would show
+    ref = (x.double() @ w.double().t() + bias.double()).bfloat16()  # rounded once, as F.linear does
+    assert torch.equal(op(x, w, bias), ref)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(x, w.t().contiguous().t())
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path, monkeypatch):
+    """torch keeps a ``lock`` file in the build folder while it compiles and waits, forever and silently, while
+    one exists: a build killed half-way used to hang every later load. An old lock is removed with a word."""
+    import os
+    import time
+
+    from test_int8_kernel import run_python  # tests/ is on sys.path
+
+    from qwen.cpu_kernels import build_folder
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "build"))  # where run_python builds
+    folder = build_folder("bf16_matvec")
+    folder.mkdir(parents=True)
+    lock = folder / "lock"
+    lock.touch()
+    os.utime(lock, (time.time() - 3600, time.time() - 3600))
+    result = run_python("from qwen.cpu_kernels import qwen_bf16_kernel; print(qwen_bf16_kernel() is not None)",
+                        tmp_path)
+    assert result.stdout.strip() == "True", result.stderr
+    assert "did not finish" in result.stderr and not lock.exists()
+
+
+def test_a_build_in_progress_is_waited_for_and_said(tmp_path, caplog):
+    import threading
+
+    from qwen.cpu_kernels import wait_for_build_lock
+
+    lock = tmp_path / "lock"
+    lock.touch()
+    threading.Timer(1.0, lock.unlink).start()  # the other build finishing
+    with caplog.at_level("WARNING", logger="qwen.cpu_kernels"):
+        wait_for_build_lock(lock, "bf16")
+    assert "waiting for another process" in caplog.text and not lock.exists()
+
+
 def test_linear_uses_the_kernel_only_for_decoding():
     linear = nn.Linear(64, 48).bfloat16()
     reference = nn.Linear(64, 48).bfloat16()

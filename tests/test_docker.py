@@ -233,6 +233,15 @@ def test_clear_errors_for_a_taken_port_a_taken_name_and_a_missing_checkpoint(api
     assert run(["docker", "container", "inspect", f"other-{RUN_ID}"]).returncode != 0  # nothing was left
 
 
+def test_the_cpu_kernels_are_built_into_the_image(image):
+    """Loading them in a container (as its user) compiles nothing: they were built with the image."""
+    code = ("import logging; logging.basicConfig(level=logging.INFO); from qwen import cpu_kernels as k; "
+            "print([f() is not None for f in (k.qwen_int4_kernel, k.qwen_int8_kernel, k.qwen_bf16_kernel)])")
+    result = run(["docker", "run", "--rm", image, "python", "-c", code], timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "building qwen's" not in result.stderr and "True" in result.stdout, result.stderr
+
+
 def test_the_cli_demo_script_answers_one_message(image):
     pexpect = pytest.importorskip("pexpect")
     name = f"qwen-test-cli-{RUN_ID}"

@@ -21,7 +21,6 @@ from transformers import AutoModelForCausalLM
 from qwen.cpu_kernels import qwen_int4_kernel
 from qwen.engine import Engine
 from qwen.loading import add_model_args, load_model
-from qwen.quantization.layers import INT4_KERNEL_MAX_ROWS
 from qwen.quantize import Int4Linear, dequantize_groups, quantize_groups, quantize_int4_
 from qwen.sampling import SamplingParams
 from qwen.tiny import make_tiny_checkpoint
@@ -129,6 +128,58 @@ def test_qwen_kernel_propagates_non_finite_activations(kernel, avx2, bad):
     torch.testing.assert_close(got[[0, 2]], kernel(x[[0, 2]], layer.packed, layer.scale_and_offset, 128, avx2))
 
 
+@pytest.mark.parametrize("avx2", [False, True])
+def test_qwen_kernel_a_row_too_small_to_scale_gives_zeros(kernel, avx2):
+    """127 / max|x| overflows for subnormal activations: such a block quantizes to zeros, as in the int8 kernel,
+    instead of multiplying by an infinite scale."""
+    layer = Int4Linear.from_linear(nn.Linear(256, 32), 128, kernel="qwen")
+    x = torch.randn(2, 256)
+    x[0] = 1e-39  # subnormal in float32
+    got = kernel(x, layer.packed, layer.scale_and_offset, 128, avx2)
+    assert (got[0] == 0).all() and got[1].abs().max() > 0
+
+
+def test_the_bf16_dequantized_weight_keeps_nans(kernel):
+    """Rounding to bf16 must not carry a NaN's payload into the sign or exponent (it made -0, 0 or inf)."""
+    layer = Int4Linear.from_linear(nn.Linear(128, 16), 128, kernel="qwen")
+    for bits in (0x7FFFFFFF, -1, 0x7F807FFF):  # NaNs: all ones, negative all ones, a low payload
+        scale_and_offset = layer.scale_and_offset.clone()
+        scale_and_offset[0, 0, 0] = torch.tensor([bits], dtype=torch.int32).view(torch.float32)
+        weight = torch.ops.qwen.int4_dequantize(layer.packed, scale_and_offset, 128, torch.bfloat16)
+        assert weight[0].isnan().all() and weight[1:].isfinite().all(), hex(bits)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_a_prompt_dequantizes_a_weight_a_block_at_a_time(kind, monkeypatch):
+    """A prompt's matmul makes the float weight a block of output rows at a time, so it never holds a whole float
+    copy (an lm_head's is 1.2 GB in fp32): blocks give the product of the whole weight, and the int4 layers'
+    reusable buffer stays one block."""
+    import threading
+
+    from qwen.quantization import layers
+    from qwen.quantize import Int8Linear
+
+    torch.manual_seed(0)
+    linear = nn.Linear(256, 1000)
+    layer = Int8Linear(linear) if kind == "int8" else Int4Linear.from_linear(linear, 128)
+    x = torch.randn(1, 40, 256)
+    with torch.no_grad():
+        whole = layer(x)  # 1000 x 256 floats: one block
+        monkeypatch.setattr(layers, "DEQUANTIZED_BLOCK_BYTES", 96 * 256 * 4)  # blocks of 96 rows, the last of 40
+        held = []
+
+        def run() -> None:  # a fresh thread: its own reusable buffer
+            held.append(layer(x))
+            held.append(getattr(layers._scratch_buffers, "tensor", None))
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        thread.join()
+    torch.testing.assert_close(held[0], whole, rtol=1e-6, atol=1e-6)
+    if kind == "int4":
+        assert held[1].numel() == 96 * 256
+
+
 def test_qwen_kernel_avx2_equals_avx512(kernel):
     g = torch.Generator().manual_seed(3)
     layer = Int4Linear.from_linear(nn.Linear(640, 48), 128, kernel="qwen")
@@ -138,9 +189,9 @@ def test_qwen_kernel_avx2_equals_avx512(kernel):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_qwen_layer_few_rows_kernel_many_rows_dequantized(kernel, dtype):
-    """Up to INT4_KERNEL_MAX_ROWS rows run the kernel (int8 activations: within a percent of the
-    dequantized weight's product), more rows the dequantized weight and one matmul (float rounding
+def test_qwen_layer_decodes_with_the_kernel_and_reads_prompts_dequantized(kernel, dtype):
+    """A decode step (one token per sequence) runs the kernel (int8 activations: within a percent of the
+    dequantized weight's product), a prompt's tokens the dequantized weight and one matmul (float rounding
     only). The dequantized weight is the group formula exactly, its bf16 form that rounded."""
     torch.manual_seed(1)
     linear = nn.Linear(384, 96).to(dtype)
@@ -154,12 +205,12 @@ def test_qwen_layer_few_rows_kernel_many_rows_dequantized(kernel, dtype):
         torch.testing.assert_close(got, weight.to(out_dtype), rtol=1e-6 if out_dtype == torch.float32 else 1e-2,
                                    atol=1e-6)
     dequantized_tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for rows, tol in ((INT4_KERNEL_MAX_ROWS, 2e-2), (INT4_KERNEL_MAX_ROWS + 1, dequantized_tol)):
-        x = torch.randn(rows, 384).to(dtype)
-        ref = x.double() @ weight.double().t() + linear.bias.double()
-        got = layer(x)
+    x = torch.randn(16, 384).to(dtype)
+    ref = x.double() @ weight.double().t() + linear.bias.double()
+    for shape, tol in (((16, 1, 384), 2e-2), ((16, 384), 2e-2), ((1, 16, 384), dequantized_tol)):
+        got = layer(x.reshape(shape)).reshape(16, 96)
         assert got.dtype == dtype
-        assert (got.double() - ref).abs().max() <= tol * ref.abs().max(), rows
+        assert (got.double() - ref).abs().max() <= tol * ref.abs().max(), shape
     assert layer.packed.numel() == 96 * 384 // 2 and layer.scale_and_offset.shape == (96, 3, 2)
 
 
@@ -261,6 +312,32 @@ def test_whole_model_on_qwen_kernel(kernel, model_128, tokenizer):
     scale = want.abs().max()
     assert (got - want).abs().max() < 0.02 * scale
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9
+
+
+@needs_kernel
+@pytest.mark.parametrize("quantize", ["int4", "int8"])
+def test_a_quantized_reply_does_not_depend_on_its_batch_mates(kernel, model_128, tokenizer, quantize):
+    """Short prompts alone would fit a decode kernel's row bound, in a batch they do not: the layers choose
+    their path by the tokens each sequence brings (decode steps: the kernel; a prompt: the dequantized weight),
+    so every prompt's greedy reply alone is its reply next to the others. The two paths do round apart on this
+    model, so a choice by the batch's row count would change replies."""
+    from qwen.quantize import quantize_int8_
+
+    model = copy.deepcopy(model_128)
+    quantize_int4_(model, group_size=128) if quantize == "int4" else quantize_int8_(model, kernel="qwen")
+    texts = ["a b c", "你好", "The quick brown fox", "1 2 3 4 5", "Hello there, how are you today?", "x"]
+    prompts = [tokenizer.encode(t) for t in texts]
+    # alone, within the old row bounds of the kernels (16 int4, 32 int8 rows); together, one chunk past them
+    assert all(len(p) <= 16 for p in prompts) and len(prompts) * max(map(len, prompts)) > 32
+    params = SamplingParams(max_new_tokens=48, do_sample=False)  # (the old per-batch choice: 3 of 6 int8 replies)
+    engine = Engine(model, tokenizer, max_batch_size=8, prefix_cache_bytes=0)
+    alone = [engine.generate([p], params)[0].output_ids for p in prompts]
+    together = [seq.output_ids for seq in engine.generate(prompts, params)]
+    assert together == alone
+    layer = model.transformer.h[0].mlp.c_proj
+    x = torch.randn(5, layer.in_features)
+    with torch.no_grad():  # the kernel's path ([5, 1, in]: one token each) and the prompt path ([1, 5, in])
+        assert not torch.equal(layer(x[:, None])[:, 0], layer(x[None])[0])
 
 
 def test_int4_lm_head_choice(model_128):

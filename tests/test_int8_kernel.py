@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen.engine import Engine
-from qwen.quantize import INT8_KERNEL_MAX_ROWS, Int8Linear, quantize_int8_, quantize_rows, qwen_int8_kernel
+from qwen.quantize import Int8Linear, quantize_int8_, quantize_rows, qwen_int8_kernel
 from qwen.sampling import SamplingParams
 
 AVX512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
@@ -200,7 +200,7 @@ def test_kernel_rejects_bad_shapes(kernel):
 @pytest.mark.parametrize("kernel_name", [pytest.param("qwen", marks=needs_avx512), "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_kernel_and_dequantized_paths_agree(kernel_name, dtype):
-    """Few rows run an int8 kernel, many rows a dequantized matmul: all compute x @ (q * s).T + b."""
+    """Decode steps run an int8 kernel, a prompt's tokens a dequantized matmul: both compute x @ (q * s).T + b."""
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(96, 40).to(dtype)
     with torch.no_grad():
@@ -208,7 +208,7 @@ def test_int8_linear_kernel_and_dequantized_paths_agree(kernel_name, dtype):
     layer = Int8Linear(linear, kernel=kernel_name)
     assert layer.use_qwen_kernel == (kernel_name == "qwen")
     reference_weight = layer.weight.float() * layer.scales.float()[:, None]
-    x = torch.randn(3, INT8_KERNEL_MAX_ROWS + 5, 96, generator=g).to(dtype)  # 111 rows: the dequantized path
+    x = torch.randn(3, 37, 96, generator=g).to(dtype)  # 3 prompts of 37 tokens: the dequantized path
     with torch.no_grad():
         many = layer(x).float()
         few = torch.cat([layer(x[:, i : i + 1]) for i in range(x.shape[1])], dim=1).float()  # the kernel
@@ -225,7 +225,7 @@ def test_int8_linear_kernel_and_dequantized_paths_agree(kernel_name, dtype):
 def test_engine_with_qwens_kernel_eager_compiled_and_against_pytorchs(tiny_model, tokenizer):
     """qwen's kernel gives the same tokens in the engine's eager and compiled decode steps (the compiled
     step traces qwen's op through its shape function). PyTorch's kernel takes the activations as they
-    are, qwen's integer path rounds them to 8 bits: a batched forward's
+    are, qwen's integer path rounds them to 8 bits: decoded one token at a time, the
     logits agree to about 1% of their norm (3% allowed; a broken kernel is off by 100%), and the tokens
     may differ, as this random model's top two logits can be closer than that."""
     prompts = [tokenizer.encode(t) for t in ("Hello", "a b c d e f", "你好，世界")]
@@ -238,12 +238,16 @@ def test_engine_with_qwens_kernel_eager_compiled_and_against_pytorchs(tiny_model
         engine = Engine(copy.deepcopy(models["qwen"]), tokenizer, compile=compile)
         tokens[compile] = [seq.output_ids for seq in engine.generate(prompts, params)]
     assert tokens[False] == tokens[True] and all(len(ids) == 8 for ids in tokens[False])
-    width = max(map(len, prompts))  # right-padded: each prompt's last position sees only its own tokens
-    ids = torch.tensor([p + [0] * (width - len(p)) for p in prompts])
-    assert ids.numel() <= INT8_KERNEL_MAX_ROWS  # the kernels, not the dequantized matmul
-    last = torch.tensor([len(p) - 1 for p in prompts])
+    ids = torch.tensor([prompts[1]])  # one token per forward through the cache: the decode kernels
+    logits = {}
     with torch.no_grad():
-        logits = {name: model(ids).logits[torch.arange(len(prompts)), last] for name, model in models.items()}
+        for name, model in models.items():
+            cache, rows = None, []
+            for i in range(ids.shape[1]):
+                out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+                cache = out.past_key_values
+                rows.append(out.logits[0, -1])
+            logits[name] = torch.stack(rows)
     error = (logits["qwen"] - logits["torch"]).norm(dim=-1) / logits["torch"].norm(dim=-1)
     assert (error < 3e-2).all(), error
 

@@ -3,6 +3,8 @@ argument parser and loader on a tiny checkpoint."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -21,6 +23,37 @@ def test_defaults_load_the_checkpoint_as_it_is(tiny_chat):
     assert not any(isinstance(m, Int8Linear) for m in model.modules())
     assert model.config.use_window_attn is False and model.config.use_cache_quantization is False
     assert not model.training and tokenizer.encode("hello")
+
+
+def test_auto_dtype_is_bf16_where_the_cpu_multiplies_it_and_for_quantized_loads(tiny_chat, tmp_path, monkeypatch):
+    """--dtype auto: a folder's flag wins; on a CPU, fp32 weights stay fp32, bf16 weights (as released) load as
+    bf16 where AVX-512 BF16 or AMX multiply them (fp32 where bf16 is emulated), and --int8/--int4 load bf16, so
+    they never build an fp32 model on the way."""
+    from qwen.config import QWenConfig
+    from qwen.loading import auto_dtype, stored_dtype
+    from qwen.tiny import make_tiny_checkpoint
+
+    released = make_tiny_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16)
+    config = json.loads((released / "config.json").read_text())
+    (released / "config.json").write_text(json.dumps({**config, "bf16": False}))  # no flag, as released
+    assert stored_dtype(released) == torch.bfloat16 and stored_dtype(tiny_chat) == torch.float32
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert load(released)[0].transformer.wte.weight.dtype == (torch.bfloat16 if native else torch.float32)
+    assert load(tiny_chat)[0].transformer.wte.weight.dtype == torch.float32
+    for flags in (["--int8"], ["--int4"]):
+        model = load(tiny_chat, *flags)[0]
+        assert model.transformer.wte.weight.dtype == model.transformer.ln_f.weight.dtype == torch.bfloat16
+    plain = QWenConfig()
+    assert auto_dtype(QWenConfig(fp32=True), torch.bfloat16, on_cpu=True, quantized=True) is None  # the flag
+    assert auto_dtype(plain, torch.bfloat16, on_cpu=False, quantized=False) is None  # a GPU: the original's choice
+    for has_bf16 in (True, False):  # the CPU's answer (torch's probe), both ways
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda has=has_bf16: has)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+        want = torch.bfloat16 if has_bf16 else torch.float32
+        assert auto_dtype(plain, torch.bfloat16, on_cpu=True, quantized=False) == want
+        assert auto_dtype(plain, None, on_cpu=True, quantized=False) == want  # legacy .bin: as released
+        assert auto_dtype(plain, torch.float32, on_cpu=True, quantized=False) == torch.float32
+        assert auto_dtype(plain, torch.float32, on_cpu=True, quantized=True) == torch.bfloat16
 
 
 def test_model_flags_reach_the_model(tiny_chat):

@@ -13,6 +13,8 @@
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <optional>
+
 namespace {
 
 constexpr int64_t kPrefetchElems = 2048;  // 4 KiB of bf16 ahead
@@ -49,24 +51,38 @@ inline void dot_all_rows(const uint16_t* x, int64_t M, const uint16_t* w, int64_
   }
 }
 
-at::Tensor bf16_matmul(const at::Tensor& x, const at::Tensor& w) {
+at::Tensor bf16_matmul(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "bf16_matmul: x [M, K], w [N, K]");
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16_matmul: bf16 only");
   TORCH_CHECK(x.size(1) == w.size(1), "bf16_matmul: shapes do not match");
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  // A weight is read at every call: copying a strided one each time would cost more than the product.
+  TORCH_CHECK(w.is_contiguous(), "bf16_matmul: the weight must be contiguous (make it so once, not per call)");
+  const at::Tensor xc = x.contiguous();
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor b;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "bf16_matmul: bias [N]");
+    b = bias->to(at::kFloat).contiguous();
+  }
   at::Tensor out = at::empty({M, N}, x.options().dtype(at::kFloat));
   const auto* xp = reinterpret_cast<const uint16_t*>(xc.data_ptr<at::BFloat16>());
-  const auto* wp = reinterpret_cast<const uint16_t*>(wc.data_ptr<at::BFloat16>());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+  const float* bp = b.defined() ? b.data_ptr<float>() : nullptr;
   float* op = out.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) dot_all_rows(xp, M, wp + n * K, K, op + n, N);
+    for (int64_t n = n0; n < n1; ++n) {
+      dot_all_rows(xp, M, wp + n * K, K, op + n, N);
+      if (bp) {  // in fp32, before the one rounding to bf16 (as PyTorch's linear adds it)
+        for (int64_t m = 0; m < M; ++m) op[m * N + n] += bp[n];
+      }
+    }
   });
   return out.to(at::kBFloat16);
 }
 
 }  // namespace
 
-// torch.ops.qwen.bf16_matmul(x, w): x @ w.T for bf16 x [M, K] and w [N, K], accumulated in fp32.
-TORCH_LIBRARY_FRAGMENT(qwen, m) { m.def("bf16_matmul(Tensor x, Tensor w) -> Tensor"); }
+// torch.ops.qwen.bf16_matmul(x, w, bias=None): x @ w.T (+ bias) for bf16 x [M, K] and w [N, K], accumulated
+// in fp32 and rounded to bf16 once.
+TORCH_LIBRARY_FRAGMENT(qwen, m) { m.def("bf16_matmul(Tensor x, Tensor w, Tensor? bias=None) -> Tensor"); }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) { m.impl("bf16_matmul", &bf16_matmul); }

@@ -76,7 +76,9 @@ QWEN_AVX2 Acts quantize_rows(const float* x, int64_t M, int64_t K) {
     __m128 p4 = _mm_add_ps(_mm256_castps256_ps128(probe), _mm256_extractf128_ps(probe, 1));
     p4 = _mm_add_ps(p4, _mm_movehl_ps(p4, p4));
     const float nan_or_zero = _mm_cvtss_f32(_mm_add_ss(p4, _mm_movehdup_ps(p4)));
-    const __m256 inv = _mm256_set1_ps(amax > 0.f ? 127.f / amax : 0.f);
+    // A zero block, or one too small for 127 / max to be finite, quantizes to all 0 (as the int8 kernel).
+    const float ratio = 127.f / amax;
+    const __m256 inv = _mm256_set1_ps(std::isfinite(ratio) ? ratio : 0.f);
     __m256i sum = _mm256_setzero_si256();
     for (int64_t i = 0; i < kBlock; i += 32) {
       __m256i v[4];
@@ -291,7 +293,8 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
 // both kernels' CPUs have: a prefill runs it once per layer, so it has to keep up with memory.
 QWEN_AVX2 void dequantize_row(const uint8_t* w, const float* sz, int64_t K, int shift, float* out32,
                               uint16_t* out16) {
-  const __m256i nibble = _mm256_set1_epi32(0x0F), round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1);
+  const __m256i nibble = _mm256_set1_epi32(0x0F), round = _mm256_set1_epi32(0x7FFF), one = _mm256_set1_epi32(1),
+                quiet = _mm256_set1_epi32(0x0040);
   for (int64_t b = 0; b < K / kBlock; ++b) {
     const __m256 s = _mm256_set1_ps(sz[2 * (b >> shift)]), offset = _mm256_set1_ps(sz[2 * (b >> shift) + 1]);
     for (int64_t j = 0; j < kBlockBytes; j += 8) {
@@ -304,8 +307,11 @@ QWEN_AVX2 void dequantize_row(const uint8_t* w, const float* sz, int64_t K, int 
           _mm256_storeu_ps(out32 + k, v);
         } else {
           const __m256i bits = _mm256_castps_si256(v);
-          const __m256i r = _mm256_srli_epi32(
+          const __m256i rounded = _mm256_srli_epi32(
               _mm256_add_epi32(bits, _mm256_add_epi32(round, _mm256_and_si256(_mm256_srli_epi32(bits, 16), one))), 16);
+          // Rounding would carry a NaN with a low payload into inf: a NaN keeps its top bits, made quiet.
+          const __m256i nan = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+          const __m256i r = _mm256_blendv_epi8(rounded, _mm256_or_si256(_mm256_srli_epi32(bits, 16), quiet), nan);
           const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
           _mm_storeu_si128(reinterpret_cast<__m128i*>(out16 + k), _mm256_castsi256_si128(packed));
         }

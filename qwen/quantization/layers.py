@@ -2,10 +2,10 @@
 
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth:
 int8 weights move half the bytes of bf16. Each output channel gets one scale (symmetric,
-round-to-nearest). For a few rows of activations (decoding) the layer multiplies the int8 weight
-directly: on the CPU with qwen's own AVX-512 kernel (``qwen/csrc/int8_matvec.cpp``, compiled once
-per machine on first use) or, where that cannot be built, PyTorch's ``_weight_int8pack_mm``; on CUDA
-with qwen's Triton kernel (``qwen/quantization/triton_int8.py``, up to 16 rows). For many rows (a prefill) it
+round-to-nearest). In a decode step (one token per sequence, see ``one_token_each``) the layer multiplies
+the int8 weight directly: on the CPU with qwen's own AVX-512 kernel (``qwen/csrc/int8_matvec.cpp``, compiled
+once per machine on first use) or, where that cannot be built, PyTorch's ``_weight_int8pack_mm``; on CUDA
+with qwen's Triton kernel (``qwen/quantization/triton_int8.py``, up to 16 rows). For a prompt's tokens it
 dequantizes on the fly and runs one matmul. On CPUs with AVX-512 VNNI qwen's kernel also quantizes the
 activations to int8 (one scale per 128 input channels, so an outlier channel coarsens only its block;
 under about 1.5% of the largest output on random data) and multiplies with integer dot products: a
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -35,16 +36,33 @@ from . import triton_int8
 
 logger = logging.getLogger(__name__)
 
-# The int8 kernels are matrix-vector loops: their time grows with every row, so past a few dozen
-# rows (a prefill) dequantizing the weight and running one matmul is faster (measured on a
-# 2048x5504 layer: 32 rows 5.7 vs 9.0 ms, 1024 rows 172 vs 27 ms).
-INT8_KERNEL_MAX_ROWS = 32
-# qwen's int4 kernel against dequantizing the weight for PyTorch's matmul, the same trade: over the
-# 1.8B layer shapes (bench/int4_kernel.py, 2-core Xeon with AMX) the kernel was 2.4-3x faster at 8 rows,
-# dequantize + matmul 1.1-1.5x faster at 32.
-INT4_KERNEL_MAX_ROWS = 16
+# A prompt's matmul dequantizes a weight this many bytes at a time (see dequantized_linear).
+DEQUANTIZED_BLOCK_BYTES = 8 << 20
 
 Kernel = Literal["auto", "qwen", "torch"]
+
+
+def one_token_each(x: torch.Tensor) -> bool:
+    """Whether a quantized layer runs its decode kernel on ``x`` rather than a dequantized matmul: when each
+    sequence brings one token (``[..., 1, in]``, a decode step, however many sequences; or 2-D rows, one per
+    sequence, as an lm_head over last positions gets). A prompt's tokens (``[batch, tokens > 1, in]``) take
+    the dequantized weight and one matmul: the kernels are matrix-vector loops whose time grows with every row
+    (a 2048x5504 int8 layer: 5.7 ms at 32 rows against 9.0 ms dequantized, 172 against 27 ms at 1024). The two
+    paths round differently, so choosing by the tokens each sequence brings, not by the batch's row count,
+    keeps a request's numbers (and its greedy reply) the same whoever is batched with it; the engine never
+    prefills one column alone."""
+    return x.dim() < 3 or x.shape[-2] == 1
+
+
+def dequantized_linear(flat: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """``flat @ W.T`` for a quantized layer's float weight ``W``, of which ``rows(start, end)`` makes output rows
+    ``start:end`` in ``flat``'s dtype, about ``DEQUANTIZED_BLOCK_BYTES`` at a time: a prompt never holds a whole
+    float copy of a weight (an lm_head's is 1.2 GB in fp32), and each block is still in cache for its matmul."""
+    step = max(16, DEQUANTIZED_BLOCK_BYTES // (flat.shape[1] * flat.element_size()))
+    if step >= out_features:
+        return F.linear(flat, rows(0, out_features))
+    return torch.cat([F.linear(flat, rows(start, min(start + step, out_features)))
+                      for start in range(0, out_features, step)], dim=1)
 
 
 def quantize_rows(w: torch.Tensor, block_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +107,9 @@ class Int8Linear(nn.Module):
         scales = self.scales.to(x.dtype)
         if x.is_cuda and flat.shape[0] <= triton_int8.BLOCK_M and triton_int8.available():
             out = torch.ops.qwen.int8_matmul_cuda(flat, self.weight, scales)
-        elif x.device.type != "cpu" or flat.shape[0] > INT8_KERNEL_MAX_ROWS:
-            out = F.linear(flat, self.weight.to(x.dtype) * scales[:, None])
+        elif x.device.type != "cpu" or not one_token_each(x):
+            out = dequantized_linear(flat, self.out_features,
+                                     lambda start, end: self.weight[start:end].to(x.dtype) * scales[start:end, None])
         elif self.use_qwen_kernel:
             out = torch.ops.qwen.int8_matmul(flat, self.weight, scales)
         else:
@@ -195,25 +214,30 @@ class Int4Linear(nn.Module):
             kernel = torch._weight_int4pack_mm if x.is_cuda else torch._weight_int4pack_mm_for_cpu
             out = kernel(flat.to(self.compute_dtype).contiguous(), self.packed, self.group_size,
                          self.scale_and_offset).to(x.dtype)
-        elif flat.shape[0] <= INT4_KERNEL_MAX_ROWS:
+        elif one_token_each(x):
             out = torch.ops.qwen.int4_matmul(flat, self.packed, self.scale_and_offset, self.group_size)
-        elif x.dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling():
-            weight = _scratch(self.out_features * self.in_features, x.dtype).view(self.out_features, -1)
-            torch.ops.qwen.int4_dequantize_into(self.packed, self.scale_and_offset, self.group_size, weight)
-            out = F.linear(flat, weight)
         else:
-            weight = torch.ops.qwen.int4_dequantize(self.packed, self.scale_and_offset, self.group_size, x.dtype)
-            out = F.linear(flat, weight)
+            out = dequantized_linear(flat, self.out_features, lambda start, end: self._dequantize(start, end, x.dtype))
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
+
+
+    def _dequantize(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
+        """Output rows ``start:end`` of the float weight, in ``dtype``."""
+        packed, scale_and_offset = self.packed[start:end], self.scale_and_offset[start:end]
+        if dtype in (torch.float32, torch.bfloat16) and not torch.compiler.is_compiling():
+            weight = _scratch((end - start) * self.in_features, dtype).view(end - start, self.in_features)
+            torch.ops.qwen.int4_dequantize_into(packed, scale_and_offset, self.group_size, weight)
+            return weight
+        return torch.ops.qwen.int4_dequantize(packed, scale_and_offset, self.group_size, dtype)
 
 
 _scratch_buffers = threading.local()
 
 
 def _scratch(numel: int, dtype: torch.dtype) -> torch.Tensor:
-    """A buffer of at least ``numel`` elements, reused by every int4 layer's prefill on this thread: a
-    fresh allocation of a large weight costs more in page faults than dequantizing into it."""
+    """A buffer of at least ``numel`` elements (one block of ``dequantized_linear``), reused by every int4 layer's
+    prefill on this thread: a fresh allocation costs more in page faults than dequantizing into it."""
     buffer = getattr(_scratch_buffers, "tensor", None)
     if buffer is None or buffer.dtype != dtype or buffer.numel() < numel:
         buffer = _scratch_buffers.tensor = torch.empty(numel, dtype=dtype)
