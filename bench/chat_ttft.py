@@ -2,6 +2,7 @@
 
     python bench/chat_ttft.py                  # Qwen-1.8B shape, random bf16 weights (~15 min the first time)
     python bench/chat_ttft.py --shape tiny     # a quick self-check of the whole pipeline
+    python bench/chat_ttft.py --no-amx         # ours without AMX too, as llama.cpp is built here
 
 What a chat user feels is the wait before each reply starts, and in a long chat it grows with the history
 unless the server keeps the conversation's keys and values. Both servers keep them: ours with its prefix
@@ -15,6 +16,10 @@ token is from sending the request to the first chunk that carries text, measured
 both; the two servers take turns within each turn (the order flips every turn). llama-server is built once
 from the llama-cpp-python sdist (``bench/llamacpp_build.py``); without cmake and a compiler, or without the
 network to fetch the sdist, the bench says so and exits 0.
+
+On CPUs with AMX our prefills run oneDNN's AMX kernels; llama.cpp is built here without AMX (see
+``bench/llamacpp_build.py``; its AMX code covers quantized types, not BF16, anyway). ``--no-amx`` caps oneDNN at
+AVX-512 BF16 in our server (``ONEDNN_MAX_CPU_ISA``), so both sides use the same instructions.
 """
 
 from __future__ import annotations
@@ -62,9 +67,13 @@ def main() -> None:
     parser.add_argument("--turns", type=int, default=6)
     parser.add_argument("--message-tokens", type=int, default=250)
     parser.add_argument("--threads", type=int, default=2, help="threads for both servers")
+    parser.add_argument("--no-amx", action="store_true", help="our server without AMX (oneDNN up to AVX-512 BF16)")
     args = parser.parse_args()
 
     started = time.perf_counter()
+    if args.no_amx:
+        os.environ["ONEDNN_MAX_CPU_ISA"] = "AVX512_CORE_BF16"  # read by our server (a child process) at start
+    amx = "amx_tile" in Path("/proc/cpuinfo").read_text() and not args.no_amx
     build = llamacpp_build.build_or_exit(["llama-server"], announce=log)
     if build is None:
         return
@@ -110,7 +119,8 @@ def main() -> None:
     prompt_tokens = len(tokenizer.encode("".join(m["content"] for m in history)))
     print(f"\nLong chat, {args.turns} turns of ~{args.message_tokens}-token messages (~{prompt_tokens} tokens of "
           f"history at the end), 16 greedy tokens a reply; Qwen-{args.shape} shape, random bf16 weights, "
-          f"{args.threads} threads each, {cpu_name()}, load average {os.getloadavg()[0]:.1f}; llama.cpp from the "
+          f"{args.threads} threads each, {cpu_name()} (ours {'with' if amx else 'without'} AMX, llama.cpp without), "
+          f"load average {os.getloadavg()[0]:.1f}; llama.cpp from the "
           f"llama-cpp-python {llamacpp_build.VERSION} sdist; {time.perf_counter() - started:.0f} s in all.\n")
     print("Time to first token per turn (s):\n")
     print("| server | " + " | ".join(f"turn {i + 1}" for i in range(args.turns)) + " |")

@@ -8,8 +8,8 @@ llama.cpp is what someone decoding on a CPU would pick instead of this package, 
 set of random weights is written once as an original Qwen folder (``qwen.tiny``'s writer at the chosen shape);
 ``qwen.export`` turns that folder into GGUF files (BF16, Q8_0), ``llama-quantize`` makes Q4_0 from the BF16 one,
 and our loader reads the same folder: bf16 (qwen's AVX-512 BF16 kernel), int8 (``--int8``, per-channel) and int4
-(``--int4``, groups of 128, lm_head kept in bf16). The pairs compared are bf16 / BF16, int8 / Q8_0 and int4 /
-Q4_0 (llama.cpp's Q4_0 file keeps its output matrix in Q6_K).
+(``--int4``, groups of 128, lm_head int8). The pairs compared are bf16 / BF16, int8 / Q8_0 and int4 / Q4_0
+(llama.cpp's Q4_0 file keeps its output matrix in Q6_K).
 
 What is measured, the same way on both sides where the tools allow:
 
@@ -17,7 +17,14 @@ What is measured, the same way on both sides where the tools allow:
   processing excluded (llama.cpp: ``llama-batched-bench -npp 32 -ntg 32 -npl 1,8``; ours: the engine, extra
   tokens over extra time as in ``bench/generate.py``);
 * prompt 512: a 512-token prompt processed per second (llama.cpp: ``llama-bench -p 512``; ours: a 512-token
-  prefill through the engine, first token included).
+  prefill through the engine, first token included);
+* quality: KL divergence of each quantized format's next-token distribution from its own side's bf16 one, and
+  how often their top tokens agree, over the same tokens (``--kl-tokens`` of this package's source text, in
+  chunks of ``--kl-ctx``, each chunk's second half scored). llama.cpp: ``llama-perplexity
+  --kl-divergence-base`` on the BF16 file, then ``--kl-divergence`` on Q8_0 and Q4_0 (its Q8_0/Q4_0 dot products
+  quantize the activations in blocks of 32 in every batch, so this is its decoding precision); ours: the same
+  tokens, read back from llama.cpp's file, fed one at a time through the KV cache, so every layer runs its
+  decode kernel.
 
 llama.cpp runs as separate processes (a static build of its tools, made once into ``~/.cache/qwen-llamacpp``,
 see ``bench/llamacpp_build.py``); ours run in this process. The two sides take turns, format by format, for
@@ -43,6 +50,7 @@ import llamacpp_build  # bench/llamacpp_build.py (the script's folder is on sys.
 import torch
 from generate import engine_runner, measure, nbytes  # bench/generate.py
 from machine import cpu_name  # bench/machine.py
+from quant import decode_logprobs  # bench/quant.py
 
 import qwen  # noqa: F401  (registers the Qwen classes with transformers' Auto*)
 from qwen.engine import Engine
@@ -62,6 +70,7 @@ FORMATS = ("bf16", "int8", "int4")  # ours; llama.cpp's counterparts below
 LLAMA_TYPE = {"bf16": "BF16", "int8": "Q8_0", "int4": "Q4_0"}
 OUR_LABEL = {"bf16": "bf16", "int8": "int8 (`--int8`)", "int4": "int4 (`--int4`)"}
 FIGURES = ("decode b1 tok/s", "decode b8 tok/s", "prompt 512 tok/s")
+QUALITY = ("KL vs its bf16", "top-1 = its bf16")
 
 
 @dataclass
@@ -72,6 +81,7 @@ class Row:
     format: str
     gb: float = math.nan
     figures: dict[str, float] | None = None
+    quality: dict[str, float] | None = None  # QUALITY's values; None where not measured (the bf16 rows)
 
     def keep_best(self, new: dict[str, float]) -> None:
         """Keep each figure's best over the rounds (a NaN, from a round spoiled by a slow spell, never wins)."""
@@ -178,6 +188,55 @@ def make_gguf_files(folder: Path, work: Path, formats: list[str], threads: int) 
     return files
 
 
+def llama_cpp_quality(files: dict[str, Path], work: Path, args: argparse.Namespace) -> tuple[dict, list, str]:
+    """llama.cpp's KL and top-1 agreement of Q8_0 and Q4_0 against its BF16, the evaluated tokens (chunks of
+    ``--kl-ctx``, read back from llama-perplexity's file) and its system_info line."""
+    text = work / "kl-text.txt"
+    sources = sorted((Path(__file__).resolve().parents[1] / "qwen").glob("*.py"))
+    text.write_text("\n".join(f.read_text() for f in sources))
+    base = work / "bf16-logits.kld"
+    tool = str(llamacpp_build.tool_path("llama-perplexity"))
+    common = ["-c", str(args.kl_ctx), "-b", str(args.kl_ctx), "-t", str(args.threads), "-tb", str(args.threads)]
+    done = run_tool([tool, "-m", str(files["bf16"]), "-f", str(text), "--chunks", str(args.kl_tokens // args.kl_ctx),
+                     "--kl-divergence-base", str(base), *common])
+    system_info = next((line.split("system_info:", 1)[1].strip() for line in done.stderr.splitlines()
+                        if "system_info:" in line), "?")
+    with base.open("rb") as f:
+        header = f.read(20)  # "_logits_", n_ctx, n_vocab, n_chunk
+        n_ctx, _, n_chunk = (int.from_bytes(header[i : i + 4], "little", signed=True) for i in (8, 12, 16))
+        tokens = torch.frombuffer(bytearray(f.read(4 * n_ctx * n_chunk)), dtype=torch.int32).view(n_chunk, n_ctx)
+    quality = {}
+    for fmt in ("int8", "int4"):
+        if fmt in files:
+            done = run_tool([tool, "-m", str(files[fmt]), "--kl-divergence-base", str(base), "--kl-divergence",
+                             *common])
+            quality[fmt] = parse_kl(done.stdout + "\n" + done.stderr)
+    return quality, tokens.tolist(), system_info
+
+
+def parse_kl(output: str) -> dict[str, float]:
+    """Mean KLD and "Same top p" from llama-perplexity --kl-divergence's report."""
+    values = {}
+    for line in output.splitlines():
+        if line.startswith("Mean    KLD:"):
+            values[QUALITY[0]] = float(line.split(":", 1)[1].split()[0])
+        elif line.startswith("Same top p:"):
+            values[QUALITY[1]] = float(line.split(":", 1)[1].split()[0]) / 100
+    if len(values) != 2:
+        raise RuntimeError(f"llama-perplexity printed no KL statistics:\n{output[-3000:]}")
+    return values
+
+
+def chunk_logprobs(model: torch.nn.Module, chunks: list[list[int]]) -> torch.Tensor:
+    """Each chunk's second half scored, as llama-perplexity does, through our decode path."""
+    return torch.cat([decode_logprobs(model, chunk, len(chunk) // 2) for chunk in chunks])
+
+
+def our_quality(logprobs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
+    kl = torch.nn.functional.kl_div(logprobs, reference, log_target=True, reduction="batchmean").item()
+    return {QUALITY[0]: kl, QUALITY[1]: (logprobs.argmax(-1) == reference.argmax(-1)).float().mean().item()}
+
+
 def fmt_value(value: float) -> str:
     if math.isnan(value):
         return "n/a"
@@ -185,15 +244,22 @@ def fmt_value(value: float) -> str:
 
 
 def print_table(rows: list[tuple[Row, Row]]) -> None:
-    """One markdown table: llama.cpp's row, ours, and ours / llama.cpp, per precision."""
-    cols = ["runner", "format", "GB", *FIGURES]
+    """One markdown table: llama.cpp's row, ours, and ours / llama.cpp, per precision (for KL, lower is better)."""
+    cols = ["runner", "format", "GB", *FIGURES, *QUALITY]
     print("| " + " | ".join(cols) + " |")
     print("|---|---|" + "---:|" * (len(cols) - 2))
     for theirs, ours in rows:
         for row in (theirs, ours):
-            cells = [row.runner, row.format, f"{row.gb:.2f}", *(fmt_value(row.figures[f]) for f in FIGURES)]
+            quality = [f"{row.quality[QUALITY[0]]:.4g}", f"{100 * row.quality[QUALITY[1]]:.1f}%"] if row.quality \
+                else ["(reference)"] * 2
+            cells = [row.runner, row.format, f"{row.gb:.2f}", *(fmt_value(row.figures[f]) for f in FIGURES), *quality]
             print("| " + " | ".join(cells) + " |")
         ratios = [f"{ours.gb / theirs.gb:.2f}x", *(f"**{ours.figures[f] / theirs.figures[f]:.2f}x**" for f in FIGURES)]
+        if ours.quality and theirs.quality:
+            ratios += [f"{ours.quality[QUALITY[0]] / theirs.quality[QUALITY[0]]:.2f}x",
+                       f"{100 * (ours.quality[QUALITY[1]] - theirs.quality[QUALITY[1]]):+.1f} points"]
+        else:
+            ratios += ["", ""]
         cells = ["**ours / llama.cpp**", f"{ours.format.split(' ')[0]} / {theirs.format}", *ratios]
         print("| " + " | ".join(cells) + " |")
 
@@ -205,7 +271,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="turns each side takes; the best figure is reported")
     parser.add_argument("--threads", type=int, default=2, help="threads for llama.cpp and for PyTorch")
     parser.add_argument("--formats", default=",".join(FORMATS),
-                        help="comma-separated subset of bf16,int8,int4 (paired with BF16, Q8_0, Q4_0)")
+                        help="comma-separated subset of bf16,int8,int4 (paired with BF16, Q8_0, Q4_0); the quality "
+                             "columns need bf16, their reference")
+    parser.add_argument("--kl-ctx", type=int, default=256, help="tokens per chunk of the quality measurement")
+    parser.add_argument("--kl-tokens", type=int, default=512, help="tokens the quality measurement evaluates")
     args = parser.parse_args()
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not formats or any(f not in FORMATS for f in formats):
@@ -243,6 +312,19 @@ def main() -> None:
             rows[fmt] = (Row("llama.cpp", LLAMA_TYPE[fmt]), Row("qwen engine", OUR_LABEL[fmt], nbytes(model) / 1e9))
             log(f"loaded ours, {fmt}: {rows[fmt][1].gb:.2f} GB in {time.perf_counter() - t:.1f} s")
 
+        system_info = "?"
+        if "bf16" in formats and len(formats) > 1:
+            log(f"quality: llama-perplexity's KL divergence over {args.kl_tokens} tokens, then ours on the same tokens")
+            t = time.perf_counter()
+            quality, chunks, system_info = llama_cpp_quality(files, work, args)
+            reference = chunk_logprobs(engines["bf16"].model, chunks)
+            for fmt in formats[1:]:
+                rows[fmt][0].quality = quality[fmt]
+                rows[fmt][1].quality = our_quality(chunk_logprobs(engines[fmt].model, chunks), reference)
+                log(f"  {fmt}: ours KL {rows[fmt][1].quality[QUALITY[0]]:.4f}, llama.cpp's "
+                    f"{rows[fmt][0].quality[QUALITY[0]]:.4f}")
+            log(f"  done in {time.perf_counter() - t:.0f} s")
+
         record = {}
         for round_ in range(args.rounds):
             for fmt in formats:
@@ -264,8 +346,12 @@ def main() -> None:
     build_info = f"build {record.get('build_number', '?')}, commit {record.get('build_commit', '?')}"
     print(f"\n### {args.shape} shape, random weights, {args.threads} threads, best of {args.rounds} rounds\n")
     print(f"{cpu_name()}; torch {torch.__version__}; llama.cpp from llama-cpp-python {llamacpp_build.VERSION} "
-          f"({build_info}). Decode: {NEW_TOKENS} new tokens per sequence after a {PROMPT}-token prompt; prompt: "
-          f"{PREFILL} tokens. GB: bytes of weights (1e9), embedding included.\n")
+          f"({build_info}; system_info: {system_info}). Both sides map their weight files (llama.cpp's default "
+          f"mmap; our safetensors loads; --int8/--int4 then hold their own copies). Decode: {NEW_TOKENS} new tokens "
+          f"per sequence after a {PROMPT}-token prompt; prompt: {PREFILL} tokens. GB: bytes of weights (1e9), "
+          f"embedding included. Quality: KL divergence from the same side's bf16 and top-1 agreement, over "
+          f"{args.kl_tokens} tokens in chunks of {args.kl_ctx} (second halves scored), ours through the decode "
+          f"path.\n")
     print_table([rows[fmt] for fmt in formats])
 
 

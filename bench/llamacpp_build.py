@@ -29,7 +29,7 @@ CACHE = Path("~/.cache/qwen-llamacpp").expanduser() / VERSION
 SDIST_DIR = CACHE / f"llama_cpp_python-{VERSION}"
 SOURCE = SDIST_DIR / "vendor" / "llama.cpp"
 BINDINGS = SDIST_DIR / "llama_cpp"  # the sdist's ctypes bindings package
-TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize")
+TOOLS = ("llama-bench", "llama-batched-bench", "llama-quantize", "llama-perplexity")
 
 
 class LlamaCppUnavailable(RuntimeError):

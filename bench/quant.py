@@ -109,14 +109,15 @@ def generate_seconds(model, prompt: torch.Tensor, n: int) -> float:
 
 
 @torch.no_grad()
-def decode_logprobs(model, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token log-probabilities at every position but the last, one token per forward through the KV cache:
-    the path (and the kernels) that generation runs."""
-    cache, rows = None, []
-    for i in range(ids.shape[1] - 1):
-        out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
-        cache = out.past_key_values
-        rows.append(out.logits[0, -1].float().log_softmax(-1))
+def decode_logprobs(model, tokens: list[int], first: int = 0) -> torch.Tensor:
+    """Next-token log-probabilities at positions ``first`` .. len - 2, one token per forward through the KV cache:
+    the path, and the kernels, that generation runs (also bench/llamacpp.py's quality columns)."""
+    ids, cache, rows = torch.tensor([tokens]), None, []
+    for i in range(len(tokens) - 1):
+        out = model(ids[:, i : i + 1], cache=cache, use_cache=True)
+        cache = out.cache
+        if i >= first:
+            rows.append(out.logits[0, -1].float().log_softmax(-1))
     return torch.stack(rows)
 
 
@@ -133,9 +134,8 @@ def measure(args: argparse.Namespace) -> None:
         model = load(work, args.measure)
         load_s = time.perf_counter() - start
         ram = sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-        ids = torch.tensor([held])
-        logprobs = decode_logprobs(model, ids)
-        generate_seconds(model, ids[:, :32], 1 + args.new_tokens)
+        logprobs = decode_logprobs(model, held)
+        generate_seconds(model, torch.tensor([held[:32]]), 1 + args.new_tokens)
     ref_path = work / "fp32_logprobs.pt"
     if args.measure == "fp32":
         torch.save(logprobs, ref_path)

@@ -244,8 +244,8 @@ def test_engine_with_qwens_kernel_eager_compiled_and_against_pytorchs(tiny_model
         for name, model in models.items():
             cache, rows = None, []
             for i in range(ids.shape[1]):
-                out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
-                cache = out.past_key_values
+                out = model(ids[:, i : i + 1], cache=cache, use_cache=True)
+                cache = out.cache
                 rows.append(out.logits[0, -1])
             logits[name] = torch.stack(rows)
     error = (logits["qwen"] - logits["torch"]).norm(dim=-1) / logits["torch"].norm(dim=-1)
