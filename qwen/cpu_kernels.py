@@ -68,18 +68,18 @@ def _build(label: str, name: str, flags: list[str]) -> bool:
     from torch.utils.cpp_extension import load
 
     source, build = Path(__file__).with_name("csrc") / f"{name}.cpp", build_folder(name)
-    if not build.exists():
-        logger.warning("building qwen's %s CPU kernel in %s (once, about 15 s)", label, build)
-        build.mkdir(parents=True, exist_ok=True)
-    wait_for_build_lock(build / "lock", label)
-    _put_ninja_on_path()
-    try:
+    try:  # everything that can fail (a read-only build folder, no compiler, no ninja) falls back with a warning
+        if not build.exists():
+            logger.warning("building qwen's %s CPU kernel in %s (once, about 15 s)", label, build)
+            build.mkdir(parents=True, exist_ok=True)
+        wait_for_build_lock(build / "lock", label)
+        _put_ninja_on_path()
         # -fopenmp only compiles at::parallel_for's OpenMP loop: the symbols come from the libgomp that
         # libtorch_cpu already loaded, so the kernel shares PyTorch's threads instead of adding its own.
         load(name=f"qwen_{name}", sources=[str(source)], build_directory=str(build),
              extra_cflags=["-O3", "-fopenmp", *flags], is_python_module=False)
         return True
-    except Exception as exc:  # no compiler, no ninja, ...
+    except Exception as exc:
         warnings.warn(
             f"could not build qwen's {label} CPU kernel ({type(exc).__name__}: ...{str(exc)[-300:]}); PyTorch's "
             "slower kernel runs instead. To build it, install a C++ compiler (e.g. `apt install g++`) and "

@@ -17,12 +17,12 @@ It is off for window attention and the int8 KV cache, whose stored keys depend o
 (a ring keeps only the last w keys; int8 scales are taken over each forward's chunk), and those models
 prefill each prompt in one piece, as before.
 
-With ``overlap`` (the default on CUDA) a decode step is queued on the GPU before the host reads the
-previous step's tokens, so the host's work between steps (reading tokens, detokenizing, stop checks,
-launching) runs while the GPU computes instead of leaving it idle. The next step's input tokens never
-leave the device. A sequence that turns out to have finished has computed one token too many, which
-is dropped. Steps whose rows need the host's view of the tokens first (repetition, presence or
-frequency penalties, grammars) and steps that admit new requests run without overlap.
+With ``overlap`` (opt-in: written for CUDA, where it has not run yet) a decode step is queued on the GPU
+before the host reads the previous step's tokens, so the host's work between steps (reading tokens,
+detokenizing, stop checks, launching) runs while the GPU computes instead of leaving it idle. The next
+step's input tokens never leave the device. A sequence that turns out to have finished has computed one
+token too many, which is dropped. Steps whose rows need the host's view of the tokens first (repetition,
+presence or frequency penalties, grammars) and steps that admit new requests run without overlap.
 
 A request with a grammar (``SamplingParams.grammar``, e.g. an OpenAI ``response_format``) has the
 tokens its grammar forbids masked out before every selection, its first token included, and stops
@@ -129,8 +129,9 @@ class Engine:
     launching each small kernel from Python costs more than the kernel). Its shapes are kept to a
     few: the batch is padded to a power of two and attention spans a power-of-two number of keys.
 
-    ``overlap`` queues each decode step before reading the previous one's tokens (default: on CUDA,
-    where the GPU otherwise waits for the host between steps; see the module docstring).
+    ``overlap`` queues each decode step before reading the previous one's tokens (for CUDA, where the GPU
+    otherwise waits for the host between steps; see the module docstring). Off by default until it has run
+    on a GPU (``bench/gpu_check.sh``); the CPU tests run it both ways.
     ``decode_attention`` the SDPA kernels a decode step may use (default: ``DECODE_ATTENTION`` for the
     eager step, PyTorch's choice for the compiled one).
 
@@ -148,7 +149,7 @@ class Engine:
         max_model_len: int | None = None,
         kv_cache_int8: bool | None = None,
         compile: bool = False,
-        overlap: bool | None = None,
+        overlap: bool = False,
         decode_attention: tuple[SDPBackend, ...] | None = None,
         prefix_cache_bytes: int | None = None,
         prefill_chunk: int | None = None,
@@ -186,7 +187,7 @@ class Engine:
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()  # not the step's lock: building takes a second
         self.compiled = compile
-        self.overlap = self.device.type == "cuda" if overlap is None else overlap
+        self.overlap = bool(overlap)
         self._launched: _Launched | None = None
         self.decode_attention = decode_attention or (None if compile else DECODE_ATTENTION)
         self._decode_logits = self._decode_step

@@ -46,8 +46,9 @@ def logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids], device=model.device)).logits[0].float().cpu()
 
 
-def engine_tokens(model, tokenizer, prompts, compile: bool = False, batch: int = 4) -> list[list[int]]:
-    engine = Engine(model, tokenizer, max_batch_size=batch, compile=compile)
+def engine_tokens(model, tokenizer, prompts, compile: bool = False, batch: int = 4,
+                  overlap: bool = False) -> list[list[int]]:
+    engine = Engine(model, tokenizer, max_batch_size=batch, compile=compile, overlap=overlap)
     params = [SamplingParams(max_new_tokens=n, do_sample=False) for n in MAX_NEW]
     return [s.output_ids for s in engine.generate(prompts, params)]
 
@@ -179,4 +180,4 @@ def test_fused_weights_compiled_engine_on_cuda(sharp, tokenizer, prompts):
     unfused engine's tokens."""
     model = load(sharp, torch.float32)
     expected = engine_tokens(model, tokenizer, prompts)
-    assert engine_tokens(model.fuse_weights_(), tokenizer, prompts, compile=True) == expected
+    assert engine_tokens(model.fuse_weights_(), tokenizer, prompts, compile=True, overlap=True) == expected

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from qwen.eval import extract, tasks
+from qwen.eval.prompts import GSM8K_PROMPT_FILE
 from qwen.eval.scoring import letter_ids
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -182,8 +183,9 @@ def test_clear_errors(data, tiny_base, tiny_chat, tmp_path, capsys, monkeypatch)
 
 
 def test_gsm8k_scripts(data, tiny_base, tiny_chat, tmp_path):
-    script("evaluate_gsm8k", "-c", tiny_base, "-f", data / "gsm8k.jsonl", "--limit", 2, "--max-new-tokens", 24,
-           "--output-json", "base.json", "--no-progress", cwd=tmp_path)
+    base = script("evaluate_gsm8k", "-c", tiny_base, "-f", data / "gsm8k.jsonl", "--limit", 2, "--max-new-tokens",
+                  24, "--output-json", "base.json", "--no-progress", cwd=tmp_path)
+    assert "qwen's own" in base.stderr and "not comparable to the published table" in base.stderr
     samples = read_jsonl(tmp_path / "gsm8k_res.jsonl")
     assert [s["question"] for s in samples] == [f"Tom has {i} apples and buys 2 more. How many?" for i in range(2)]
     for s in samples:
@@ -192,12 +194,15 @@ def test_gsm8k_scripts(data, tiny_base, tiny_chat, tmp_path):
         assert s["acc"] == s["correct"] == (s["prediction"] == int(s["answer"].rsplit(" ", 1)[1]))
     assert json.loads((tmp_path / "base.json").read_text())["n-samples"]["gsm8k"]["effective"] == 2
     # The second question reused the 8-shot examples' keys from the prefix cache; without it, the same text.
-    script("evaluate_gsm8k", "-c", tiny_base, "-f", data / "gsm8k.jsonl", "--limit", 2, "--max-new-tokens", 24,
-           "--prefix-cache-gb", 0, "-o", "uncached.jsonl", "--no-progress", cwd=tmp_path)
+    # (A --prompt-file given, even the same text, is the user's choice: no notice.)
+    uncached = script("evaluate_gsm8k", "-c", tiny_base, "-f", data / "gsm8k.jsonl", "--limit", 2, "--max-new-tokens",
+                      24, "--prefix-cache-gb", 0, "--prompt-file", GSM8K_PROMPT_FILE, "-o", "uncached.jsonl",
+                      "--no-progress", cwd=tmp_path)
+    assert "qwen's own" not in uncached.stderr
     assert [s["completion"] for s in read_jsonl(tmp_path / "uncached.jsonl")] == [s["completion"] for s in samples]
     result = script("evaluate_chat_gsm8k", "-c", tiny_chat, "-f", data / "gsm8k.jsonl", "--limit", 2,
                     "--use-fewshot", "-o", "chat.jsonl", "--max-new-tokens", 16, "--no-progress", cwd=tmp_path)
-    assert "gsm8k (4-shot)" in result.stdout
+    assert "gsm8k (4-shot)" in result.stdout and "qwen's own" in result.stderr
     chat = read_jsonl(tmp_path / "chat.jsonl")
     assert len(chat) == 2 and chat[0]["prompt"].endswith("Let's think step by step")
 

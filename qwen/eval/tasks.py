@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -273,9 +274,15 @@ def main_gsm8k(chat: bool, argv: list[str] | None = None) -> None:
             fewshot = prompts.read_prompt_file(args.fewshot_file, prompts.CHAT_GSM8K_FEWSHOT_FILE) \
                 if args.use_fewshot else None
             rule, build = "number", lambda q: prompts.chat_gsm8k_prompt(q, fewshot)
+            ours = prompts.CHAT_GSM8K_FEWSHOT_FILE if args.use_fewshot and not args.fewshot_file else None
         else:
             fewshot = prompts.read_prompt_file(args.prompt_file, prompts.GSM8K_PROMPT_FILE)
             rule, build = args.answer_rule, lambda q: prompts.gsm8k_prompt(fewshot, q)
+            ours = None if args.prompt_file else prompts.GSM8K_PROMPT_FILE
+        if ours:  # the original's exemplar files are not shipped: say so before any score is read
+            print(f"worked examples: qwen's own ({ours}), not the original's, so scores are not comparable "
+                  f"to the published table; pass {'--fewshot-file' if chat else '--prompt-file'} with the "
+                  "original's file for those", file=sys.stderr)
         backend = open_backend(args, chat=chat)
         settings = _settings(args, backend, task="chat_gsm8k" if chat else "gsm8k", rule=rule, fewshot=fewshot,
                              data=str(Path(args.sample_input_file).resolve()))
