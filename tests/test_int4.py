@@ -180,6 +180,37 @@ def test_a_prompt_dequantizes_a_weight_a_block_at_a_time(kind, monkeypatch):
         assert held[1].numel() == 96 * 256
 
 
+AVX2_ONLY = """
+import os
+import torch
+from qwen.cpu_kernels import qwen_int4_kernel, qwen_int8_kernel
+from qwen.quantize import Int4Linear
+torch.manual_seed(0)
+layer = Int4Linear.from_linear(torch.nn.Linear(640, 48, bias=False), 128)
+x = torch.randn(5, 1, 640)
+print(torch.backends.cpu.get_cpu_capability(), qwen_int8_kernel() is None, layer.use_qwen_kernel)
+torch.save({"x": x, "out": layer(x), "packed": layer.packed, "scale_and_offset": layer.scale_and_offset},
+           os.environ["OUT"])
+"""
+
+
+@needs_kernel
+def test_an_avx2_only_dispatch_runs_the_avx2_kernel(kernel, tmp_path):
+    """ATEN_CPU_CAPABILITY=avx2 makes PyTorch, and qwen's kernels, dispatch as on an AVX2-only CPU: no int8 kernel
+    (it needs AVX-512), and the int4 layer's output is the AVX2 kernel's, bit for bit."""
+    from qwen.cpu_kernels import build_folder
+
+    result = run_python(AVX2_ONLY, tmp_path, ATEN_CPU_CAPABILITY="avx2", OUT=str(tmp_path / "out.pt"),
+                        TORCH_EXTENSIONS_DIR=str(build_folder("int4_matvec").parent))  # the kernel built here
+    assert result.stdout.split() == ["AVX2", "True", "True"], result.stderr
+    got = torch.load(tmp_path / "out.pt")
+    flat = got["x"].reshape(5, 640)
+    narrow = kernel(flat, got["packed"], got["scale_and_offset"], 128, True)
+    assert torch.equal(got["out"].reshape(5, 48), narrow)
+    if torch.backends.cpu.get_cpu_capability() == "AVX512":  # where both exist, the dispatch did change
+        assert not torch.equal(narrow, kernel(flat, got["packed"], got["scale_and_offset"], 128, False))
+
+
 def test_qwen_kernel_avx2_equals_avx512(kernel):
     g = torch.Generator().manual_seed(3)
     layer = Int4Linear.from_linear(nn.Linear(640, 48), 128, kernel="qwen")

@@ -253,10 +253,10 @@ def test_engine_with_qwens_kernel_eager_compiled_and_against_pytorchs(tiny_model
 
 
 def run_python(code: str, tmp_path, **env: str) -> subprocess.CompletedProcess:
-    """Run code in a fresh interpreter (a kernel is loaded once per process) with a clean build folder and
-    no kernel choice (QWEN_*_KERNEL) from the environment; also used by test_int4.py."""
+    """Run code in a fresh interpreter (a kernel is loaded once per process) with a clean build folder (unless
+    ``env`` names one) and no kernel choice (QWEN_*_KERNEL) from the environment; also used by test_int4.py."""
     full_env = {k: v for k, v in os.environ.items() if not (k.startswith("QWEN_") and k.endswith("_KERNEL"))}
-    full_env.update(TORCH_EXTENSIONS_DIR=str(tmp_path / "build"), **env)
+    full_env.update({"TORCH_EXTENSIONS_DIR": str(tmp_path / "build"), **env})
     return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=300)
 
 

@@ -29,6 +29,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #define QWEN_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,fma")))
@@ -250,9 +252,15 @@ QWEN_AVX2 void rows_avx2(const Acts& x, int64_t M, const Weights& w, int64_t n0,
   QWEN_ALL_ROWS(tile_avx2)
 }
 
+// ATEN_CPU_CAPABILITY=avx2 (or default), which makes PyTorch dispatch as on an AVX2-only CPU, makes this
+// kernel do the same, so the AVX2 path can be run, and tested, the way such a CPU reaches it.
 bool has_avx512_vnni() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  static const bool yes = [] {
+    const char* capped = std::getenv("ATEN_CPU_CAPABILITY");
+    if (capped && (std::strcmp(capped, "avx2") == 0 || std::strcmp(capped, "default") == 0)) return false;
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni");
+  }();
   return yes;
 }
 
