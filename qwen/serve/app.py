@@ -281,7 +281,11 @@ def create_app(
             if body.response_format is not None and body.response_format.type != "text":
                 raise APIError(400, "A forced tool call (tool_choice) cannot also follow response_format; "
                                     "send one of them.", param="response_format")
-            call_grammar = lark_grammar(forced)
+            try:
+                call_grammar = lark_grammar(forced)
+            except ValueError as exc:  # a strict function's schema has a keyword that cannot be enforced
+                raise APIError(400, f"A forced call's arguments cannot follow the strict parameters schema: {exc}. "
+                                    "Drop the keyword, or send strict: false for best effort.", param="tools") from None
             for p in params:
                 p.grammar = call_grammar
         legacy = bool(body.functions) and not body.tools

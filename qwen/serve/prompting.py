@@ -104,16 +104,16 @@ def forced_call(request: ChatCompletionRequest, functions: list[FunctionDefiniti
     return f"Action: {functions[0].name}\nAction Input:" if len(functions) == 1 else "Action:"
 
 
-# JSON arguments laid out as json.dumps writes them (as qwen.grammar does); a schema keyword that
-# cannot be enforced is ignored (OpenAI's non-strict function calling: best effort).
-_ARGUMENTS_LAYOUT = {**JSON_OPTIONS, "lenient": True}  # the JSON layout of response_format, lenient schemas
 
 
 def forced_call_grammar(prompt: ChatPrompt) -> str | None:
     """The output that completes a forced call's ``prefill``, as a Lark grammar in llguidance's dialect
     (for ``SamplingParams.grammar``): after ``Action:`` one of the tool names, then ``Action Input:``;
     and arguments valid under that tool's parameters schema. Without it the prefill makes a call
-    likely, with it certain. None when no call is forced."""
+    likely, with it certain. None when no call is forced. JSON arguments are laid out as json.dumps writes
+    them (as ``response_format``'s are); a schema keyword that cannot be enforced is ignored (OpenAI's
+    non-strict function calling: best effort) unless the function says ``strict: true``, when compiling the
+    grammar fails instead (``qwen.grammar.lark_grammar``: ValueError)."""
     if not prompt.prefill.startswith("Action:"):
         return None
     functions = prompt.functions
@@ -123,7 +123,7 @@ def forced_call_grammar(prompt: ChatPrompt) -> str | None:
         start = " | ".join(json.dumps(f" {f.name}\nAction Input: ") + f" args{k}" for k, f in enumerate(functions))
     rules = [f"start: {start}"]
     for k, f in enumerate(functions):
-        schema = {**f.arguments_schema, "x-guidance": _ARGUMENTS_LAYOUT}
+        schema = {**f.arguments_schema, "x-guidance": {**JSON_OPTIONS, "lenient": f.strict is not True}}
         rules.append(f"args{k}: %json {json.dumps(schema, ensure_ascii=False)}")
     return "\n".join(rules) + "\n"
 

@@ -58,6 +58,7 @@ class FunctionDefinition(_Lenient):
     description: str = ""
     parameters: dict[str, Any] | list[dict[str, Any]] = Field(default_factory=dict)
     name_for_human: str | None = None
+    strict: bool | None = None  # OpenAI's: a forced call's arguments follow the schema exactly, or 400
 
     @model_validator(mode="before")
     @classmethod
