@@ -4,14 +4,17 @@ schema. The model is random, so forced tool calls and schemas are what make its 
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
+import openai
 import pytest
 
 langchain_openai = pytest.importorskip("langchain_openai")
 
 from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage  # noqa: E402
 from langchain_core.tools import tool  # noqa: E402
+from langchain_core.utils.function_calling import convert_to_openai_tool  # noqa: E402
 
 MODEL = "tiny"
 
@@ -45,10 +48,23 @@ def test_bound_tools_forced_call_and_agent_history(llm):
     history = [SystemMessage("Be brief."), HumanMessage("Weather in Paris?"), reply,
                ToolMessage(result, tool_call_id=call["id"])]
     answer = llm.bind_tools([get_weather]).invoke(history)
-    assert isinstance(answer, AIMessage)
     follow_up = llm.bind_tools([get_weather]).invoke(
         [*history, AIMessage(answer.content or "It is sunny."), HumanMessage("And in Rome?")])
-    assert isinstance(follow_up, AIMessage)
+    # What the model was given and what came back: the same history sent in OpenAI's own format gets the same
+    # prompt length and the server's own greedy reply.
+    client = openai.OpenAI(base_url=llm.openai_api_base, api_key="none")
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": reply.content or None, "tool_calls": [
+                    {"id": call["id"], "type": "function",
+                     "function": {"name": call["name"], "arguments": json.dumps(call["args"])}}]},
+                {"role": "tool", "tool_call_id": call["id"], "content": result}]
+    tools = [convert_to_openai_tool(get_weather)]
+    for got, sent in ((answer, messages), (follow_up, [*messages, {"role": "assistant", "content": answer.content
+                                                                   or "It is sunny."},
+                                                       {"role": "user", "content": "And in Rome?"}])):
+        own = client.chat.completions.create(model=MODEL, messages=sent, tools=tools, temperature=0, max_tokens=24)
+        assert got.usage_metadata["input_tokens"] == own.usage.prompt_tokens
+        assert got.content == (own.choices[0].message.content or "")
 
 
 def test_structured_output_from_a_json_schema(llm):

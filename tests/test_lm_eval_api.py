@@ -8,6 +8,7 @@ import json
 import os
 from pathlib import Path
 
+import openai
 import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
@@ -81,7 +82,17 @@ def test_local_chat_completions_runs_a_generation_task(tasks, server):
     results = evaluate(tasks, "qwen_tiny_gen", "local-chat-completions",
                        f"model={MODEL},base_url={server.url}/v1/chat/completions,max_retries=1",
                        apply_chat_template=True)
-    samples = results["samples"]["qwen_tiny_gen"]
+    samples = sorted(results["samples"]["qwen_tiny_gen"], key=lambda s: s["doc_id"])
     assert len(samples) == len(QUESTIONS)
-    assert all(isinstance(s["resps"][0][0], str) for s in samples)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none")
+    for sample, question in zip(samples, QUESTIONS, strict=True):
+        # what the model was given: the task's prompt as one user message; what came back: the server's own
+        # greedy reply to that message under the task's stop and length
+        (context,), kwargs = sample["arguments"][0]
+        messages = json.loads(context)
+        assert messages == [{"role": "user", "content": f"Q: {question['question']}\nA:"}]
+        own = client.chat.completions.create(model=MODEL, messages=messages, temperature=0, stop=kwargs["until"],
+                                             max_tokens=kwargs["max_gen_toks"]).choices[0].message.content
+        assert sample["resps"][0][0] == own
+        assert sample["exact_match"] == float(sample["filtered_resps"][0] == question["choices"][question["answer"]])
     assert "exact_match,none" in results["results"]["qwen_tiny_gen"]
