@@ -187,7 +187,7 @@ class Engine:
         self._grammars: Grammars | None = None
         self._grammars_lock = threading.Lock()  # not the step's lock: building takes a second
         self.compiled = compile
-        self.overlap = bool(overlap)
+        self.overlap = overlap
         self._launched: _Launched | None = None
         self.decode_attention = decode_attention or (None if compile else DECODE_ATTENTION)
         self._decode_logits = self._decode_step

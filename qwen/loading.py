@@ -172,17 +172,16 @@ def load_model(path: str | Path, args: argparse.Namespace):
     register_auto_classes()  # a front end that deferred `import qwen`'s imports (see qwen/__init__.py)
     if args.threads:
         torch.set_num_threads(args.threads)
+    config = AutoConfig.from_pretrained(path)
     overrides = {}
     if args.kv_cache_int8:
         overrides["use_cache_quantization"] = True
     if args.window_attn:
         low, high = parse_window(args.window_attn)
-        layers = AutoConfig.from_pretrained(path).num_hidden_layers
-        overrides.update(use_window_attn=True, window_size=window_schedule(layers, low, high))
+        overrides.update(use_window_attn=True, window_size=window_schedule(config.num_hidden_layers, low, high))
     device_map = "cpu" if args.cpu_only or not torch.cuda.is_available() else "auto"
     if args.dtype == "auto":
-        dtype = auto_dtype(AutoConfig.from_pretrained(path), stored_dtype(path), device_map == "cpu",
-                           args.int8 or args.int4)
+        dtype = auto_dtype(config, stored_dtype(path), device_map == "cpu", args.int8 or args.int4)
     else:
         dtype = getattr(torch, args.dtype)
     tokenizer = AutoTokenizer.from_pretrained(path)

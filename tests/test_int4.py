@@ -14,7 +14,7 @@ import copy
 
 import pytest
 import torch
-from test_int8_kernel import run_python  # tests/ is on sys.path
+from test_int8_kernel import decoded_logits, run_python  # tests/ is on sys.path
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -332,14 +332,7 @@ def test_whole_model_on_qwen_kernel(kernel, model_128, tokenizer):
     ids = torch.tensor([prompts[0] + alone[0]])
     with torch.no_grad():
         want = plain(ids).logits[0]
-        # One position at a time, as decoding runs: each Linear sees one row, so qwen's kernel runs.
-        cache = None
-        got = []
-        for i in range(ids.shape[1]):
-            out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
-            got.append(out.logits[0, -1])
-        got = torch.stack(got)
+    got = decoded_logits(model, ids)  # one position at a time, as decoding runs: qwen's kernel
     scale = want.abs().max()
     assert (got - want).abs().max() < 0.02 * scale
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() > 0.9

@@ -238,18 +238,23 @@ def test_engine_with_qwens_kernel_eager_compiled_and_against_pytorchs(tiny_model
         engine = Engine(copy.deepcopy(models["qwen"]), tokenizer, compile=compile)
         tokens[compile] = [seq.output_ids for seq in engine.generate(prompts, params)]
     assert tokens[False] == tokens[True] and all(len(ids) == 8 for ids in tokens[False])
-    ids = torch.tensor([prompts[1]])  # one token per forward through the cache: the decode kernels
-    logits = {}
-    with torch.no_grad():
-        for name, model in models.items():
-            cache, rows = None, []
-            for i in range(ids.shape[1]):
-                out = model(ids[:, i : i + 1], cache=cache, use_cache=True)
-                cache = out.cache
-                rows.append(out.logits[0, -1])
-            logits[name] = torch.stack(rows)
+    ids = torch.tensor([prompts[1]])
+    logits = {name: decoded_logits(model, ids) for name, model in models.items()}
     error = (logits["qwen"] - logits["torch"]).norm(dim=-1) / logits["torch"].norm(dim=-1)
     assert (error < 3e-2).all(), error
+
+
+@torch.no_grad()
+def decoded_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits at every position of ``ids`` [1, n], one token per forward through the cache, as decoding runs:
+    each Linear sees one token per sequence, so the quantized layers take their decode kernels. Also used by
+    test_int4.py and test_gptq.py."""
+    cache, rows = None, []
+    for i in range(ids.shape[1]):
+        out = model(ids[:, i : i + 1], cache=cache, use_cache=True)
+        cache = out.cache
+        rows.append(out.logits[0, -1])
+    return torch.stack(rows)
 
 
 def run_python(code: str, tmp_path, **env: str) -> subprocess.CompletedProcess:

@@ -221,7 +221,6 @@ class Int4Linear(nn.Module):
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
-
     def _dequantize(self, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
         """Output rows ``start:end`` of the float weight, in ``dtype``."""
         packed, scale_and_offset = self.packed[start:end], self.scale_and_offset[start:end]

@@ -104,8 +104,6 @@ def forced_call(request: ChatCompletionRequest, functions: list[FunctionDefiniti
     return f"Action: {functions[0].name}\nAction Input:" if len(functions) == 1 else "Action:"
 
 
-
-
 def forced_call_grammar(prompt: ChatPrompt) -> str | None:
     """The output that completes a forced call's ``prefill``, as a Lark grammar in llguidance's dialect
     (for ``SamplingParams.grammar``): after ``Action:`` one of the tool names, then ``Action Input:``;
