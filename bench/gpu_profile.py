@@ -154,12 +154,12 @@ def graph_time_us(fn, calls: int = 20, replays: int = 10) -> float:
 def weight_formats(n: int, k: int) -> dict:
     """name -> (function of the activations, weight bytes it reads) for one n x k layer."""
     from qwen.quantization.triton_int8 import int8_matmul
-    from qwen.quantize import Int4Linear, quantize_rows
+    from qwen.quantize import Int4Linear, quantize_blocks
 
     linear = torch.nn.Linear(k, n, bias=False, device="cuda", dtype=torch.bfloat16)
     w = linear.weight.detach()
-    w8, s8 = quantize_rows(w)
-    s8 = s8.to(torch.bfloat16)
+    w8, s8 = quantize_blocks(w, block_size=k)  # one scale per output channel, as the Triton kernel takes
+    s8 = s8[:, 0]
     formats = {
         "bf16 F.linear": (lambda x: torch.nn.functional.linear(x, w), w.numel() * 2),
         "int8 dequant+linear (before)": (lambda x: torch.nn.functional.linear(x, w8.to(x.dtype) * s8[:, None]),

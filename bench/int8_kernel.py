@@ -12,7 +12,8 @@ on a bf16 copy of the weight, oneDNN, AMX where the CPU has it); and PyTorch's
 ``torch._weight_int8pack_mm``. Each call takes the next of copies of the weight that add up to 1 GiB
 (int8; 2 GiB of bf16), more than the CPU's caches, so every call reads its weight from memory, as a
 decode step does. The kernels take turns for ``--rounds`` rounds and keep their best time, so a slow
-spell of a shared machine hits them alike. GB/s is the weight's bytes (int8: N*K, bf16: 2*N*K) over
+spell of a shared machine hits them alike. GB/s is the weight's bytes (qwen's int8: N*K and a bf16 scale
+per 32 weights; PyTorch's int8: N*K and one per row; bf16: 2*N*K) over
 the time: a kernel that keeps up with memory reads at the machine's bandwidth whatever the row
 count; one that falls behind it as rows grow is compute-bound. The last two columns say how many
 times faster the integer path is than the float path and than bf16.
@@ -88,12 +89,14 @@ def main() -> None:
         copies = -(-POOL_BYTES // (n * k))
         w = torch.empty(copies, n, k, dtype=torch.int8).random_(-127, 128, generator=g)
         wb = torch.empty(copies, n, k, dtype=torch.bfloat16).normal_(0, 0.02, generator=g)
-        s = (torch.rand(n, generator=g) / 1000).bfloat16()
+        s = (torch.rand(n, generator=g) / 1000).bfloat16()  # one scale per output channel: PyTorch's kernel
+        s32 = (torch.rand(n, -(-k // 32), generator=g) / 1000).bfloat16()  # one per 32 channels: qwen's
+        # (qwen's kernel reads w in its packed order: random bytes in either order time the same)
         for rows in args.rows:
             x = torch.randn(rows, k, generator=g).bfloat16()
             kernels = {
-                "qwen float": rotating(lambda w, x=x, s=s: op(x, w, s), w, vnni=False),
-                "qwen vnni": rotating(lambda w, x=x, s=s: op(x, w, s), w, vnni=True),
+                "qwen float": rotating(lambda w, x=x, s32=s32: op(x, w, s32), w, vnni=False),
+                "qwen vnni": rotating(lambda w, x=x, s32=s32: op(x, w, s32), w, vnni=True),
                 "torch bf16": rotating(lambda w, x=x: F.linear(x, w), wb),
                 "torch int8pack": rotating(lambda w, x=x, s=s: torch._weight_int8pack_mm(x, w, s), w),
             }
@@ -105,7 +108,7 @@ def main() -> None:
             os.environ.pop("QWEN_INT8_VNNI")
             cells = []
             for name in KERNELS:
-                weight_bytes = n * k * (2 if name == "torch bf16" else 1)
+                weight_bytes = {"torch bf16": 2 * n * k, "torch int8pack": n * k}.get(name, s32.nbytes + n * k)
                 cells += [f"{best[name] * 1e6:.0f}", f"{weight_bytes / best[name] / 1e9:.1f}"]
             vnni = best["qwen vnni"]
             cells += [f"{best['qwen float'] / vnni:.2f}x", f"{best['torch bf16'] / vnni:.2f}x"]

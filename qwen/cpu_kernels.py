@@ -138,6 +138,7 @@ def qwen_int8_kernel():
         return None
     # The output's shape and dtype, for torch.compile (the engine's compiled decode step).
     torch.library.register_fake("qwen::int8_matmul")(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("qwen::int8_dequantize")(lambda w, scales, dtype: w.new_empty(w.shape, dtype=dtype))
     return torch.ops.qwen.int8_matmul
 
 

@@ -6,14 +6,15 @@ from .quantization.layers import (
     Int4Linear,
     Int8Linear,
     Kernel,
+    dequantize_blocks,
     dequantize_groups,
+    quantize_blocks,
     quantize_groups,
     quantize_int4_,
     quantize_int8_,
-    quantize_rows,
 )
 
 __all__ = [
-    "Int4Linear", "Int8Linear", "Kernel", "dequantize_groups", "quantize_groups",
-    "quantize_int4_", "quantize_int8_", "quantize_rows", "qwen_int8_kernel",
+    "Int4Linear", "Int8Linear", "Kernel", "dequantize_blocks", "dequantize_groups", "quantize_groups",
+    "quantize_blocks", "quantize_int4_", "quantize_int8_", "qwen_int8_kernel",
 ]

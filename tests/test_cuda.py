@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM
 from qwen.engine import Engine
 from qwen.modeling import _flash_attn_func, attend
 from qwen.quantization import triton_int8
-from qwen.quantize import Int4Linear, Int8Linear, quantize_int4_, quantize_int8_, quantize_rows
+from qwen.quantize import Int4Linear, Int8Linear, dequantize_blocks, quantize_blocks, quantize_int4_, quantize_int8_
 from qwen.sampling import SamplingParams
 from qwen.tiny import make_tiny_checkpoint
 
@@ -136,7 +136,8 @@ def test_triton_int8_kernel_equals_the_dequantized_matmul(dtype):
     """qwen's Triton int8 kernel (decoding with --int8 on CUDA) over odd shapes and 1..16 rows."""
     g = torch.Generator(device="cuda").manual_seed(0)
     for rows, n, k in [(1, 2048, 5504), (3, 100, 300), (16, 6144, 2048), (8, 151936, 64), (2, 17, 1000)]:
-        q, scales = quantize_rows(torch.randn(n, k, generator=g, device="cuda"))
+        q, scales = quantize_blocks(torch.randn(n, k, generator=g, device="cuda"), block_size=k)  # one per row
+        scales = scales[:, 0]
         x = torch.randn(rows, k, generator=g, device="cuda").to(dtype)
         ref = x.double() @ (q.double() * scales.double()[:, None]).t()
         got = torch.ops.qwen.int8_matmul_cuda(x, q, scales.to(dtype))
@@ -169,7 +170,7 @@ def test_quantized_weights_on_cuda_decode_as_their_dequantized_model(sharp, toke
 def dequantized(layer) -> torch.Tensor:
     """The fp32 weight a quantized layer stands for (int4: through its own kernel on the identity)."""
     if isinstance(layer, Int8Linear):
-        return layer.weight.float() * layer.scales.float()[:, None]
+        return dequantize_blocks(layer.weight, layer.scales, torch.float32)
     eye = torch.eye(layer.in_features, device="cuda", dtype=torch.bfloat16)
     bias = layer.bias.float() if layer.bias is not None else 0
     return (layer(eye).float() - bias).t()

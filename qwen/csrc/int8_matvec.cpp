@@ -1,212 +1,337 @@
-// Weight-only int8 matrix product for a few rows of activations on CPUs with AVX-512:
-//   out[m, n] = scales[n] * sum_k x[m, k] * w[n, k]
+// Weight-only int8 matrix product for a few rows of activations on CPUs with AVX-512, with one bf16 scale
+// per block of 32 input channels, as llama.cpp's Q8_0:
+//   out[m, n] = sum_b s[n, b] * sum_(k in block b) x[m, k] * w[n, k]
 //
 // Built on first use by qwen/cpu_kernels.py (torch.utils.cpp_extension, cached per machine).
-// Decoding reads every weight once per token, so speed is memory bandwidth. Each thread walks its
-// rows of w in memory order (one sequential stream the hardware prefetcher follows) and prefetches
-// 4 KiB ahead, which keeps more DRAM reads in flight than PyTorch's _weight_int8pack_mm (measured
-// on a 2-core Xeon: 15-17 vs 12-14 GB/s over the Qwen-1.8B layer shapes). Each 64-byte chunk of a
-// weight row is used for up to 8 activation rows, on one of two paths:
+// Decoding reads every weight once per token, so speed is memory bandwidth: 34 bytes per 32 weights (the
+// int8 values and a bf16 scale), as Q8_0. Each thread walks its rows of w in memory order (one sequential
+// stream the hardware prefetcher follows) and prefetches 4 KiB ahead; each weight row is used for up to 8
+// activation rows per pass.
 //
-// * float: the chunk is widened to fp32 and multiplied in fp32, exact up to fp32 rounding. It serves
-//   every row count on CPUs without VNNI (and everywhere with QWEN_INT8_VNNI=0).
-// * integer (AVX-512 VNNI): widening and 4 fp32 FMAs per 16 weights per row cost more
-//   time than memory takes to deliver the chunk (at 8 rows the float path reads 6-8 GB/s). Instead each
-//   activation row is quantized to int8, one scale per block of 128 channels (a = max|x| / 127,
-//   q = round(x / a); a zero block has a = 0), vpdpbusd makes 64 int8 products per instruction, and
-//   each block's integer sum is added to an fp32 accumulator times its scale: 15-21 GB/s at 8 rows,
-//   1.4-1.9x PyTorch's bf16 matmul (AMX) over the same shapes, 1.2-1.6x the float path at 2 rows
-//   and 1.1-1.6x even at one (bench/int8_kernel.py, 2-core Xeon), so a batch-1 decode takes it too, as
-//   llama.cpp's Q8_0 quantizes its activations. The cost is 8-bit activations: each x is off by at most a / 2
-//   of its block's a, so one large channel (an outlier) coarsens only its own block.
-//   QWEN_INT8_VNNI=0 in the environment (read on each call) turns it off, e.g. to compare the paths.
+// Layout. A row's blocks go in groups of 16 (512 channels; the row's last group may hold fewer, G). Within a
+// group, channel l * 32 + 4 * j + t (block l, j < 8, t < 4) is byte j * 4G + 4l + t: the group is 8 vectors
+// of 64 bytes whose 32-bit lane l holds 4 channels of block l. One vpdpbusd per vector then adds 4 products
+// into each block's own lane, and after the group's 8 vectors each lane holds its block's whole sum: the
+// scales apply once per 16 blocks, not once per 64 bytes. qwen/quantization/layers.py packs and unpacks it
+// (pack_int8_blocks); rows are padded with zeros to whole blocks.
+//
+// Two paths:
+// * integer (AVX-512 VNNI), the default where the CPU has it: each activation row is quantized to int8 in
+//   the same blocks of 32 (a = max|x| / 127, q = round(x / a); a zero block has a = 0), and each block's
+//   integer sum is added to an fp32 accumulator times s * a. Each x is then off by at most a / 2 of its
+//   block: the arithmetic of llama.cpp's Q8_0 x Q8_0 dot product, at the same precision.
+// * float: the weights are widened to fp32, times their blocks' scales, and multiplied with the activations
+//   in fp32: exact up to fp32 rounding. It serves CPUs without VNNI, and every CPU with QWEN_INT8_VNNI=0 in
+//   the environment (read on each call), e.g. to compare the paths.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <immintrin.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <type_traits>
 
 // The integer path's functions; the file itself is built for AVX-512F only, which every CPU that runs
-// this kernel has, and the integer path runs only where the CPU reports VNNI.
-#define QWEN_VNNI __attribute__((target("avx512f,avx512bw,avx512vnni")))
+// this kernel has, and the integer path runs only where the CPU reports VNNI (and BW, VL with it).
+#define QWEN_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 namespace {
 
 constexpr int64_t kPrefetchBytes = 4096;
-constexpr int kMaxRows = 8;          // activation rows per pass: 8 accumulators + 4 widened weight vectors
-constexpr int64_t kBlock = 128;      // input channels per activation scale on the integer path
-constexpr int64_t kMinVnniRows = 1;  // rows from which the integer path runs (faster from one row)
+constexpr int kMaxRows = 8;        // activation rows per pass over a weight row
+constexpr int64_t kBlock = 32;     // input channels per weight scale and per activation scale
+constexpr int64_t kGroup = 16;     // blocks per group: one 32-bit lane each
+constexpr int64_t kGroupBytes = kBlock * kGroup;
+
+// One weight row: its packed int8 bytes, its bf16 scales, and its shape in blocks.
+struct Row {
+  const int8_t* w;     // [blocks * 32], packed as above
+  const uint16_t* s;   // [blocks], bf16
+  int64_t blocks;
+  // Group g's blocks (16 but in the last group) and where its vector j starts.
+  int64_t group_blocks(int64_t g) const { return std::min(kGroup, blocks - g * kGroup); }
+  const int8_t* vector(int64_t g, int j) const { return w + g * kGroupBytes + j * 4 * group_blocks(g); }
+};
+
+// Lanes [0, n) of 16.
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? 0xFFFF : n > 0 ? static_cast<__mmask16>((1u << n) - 1) : 0; }
+
+// Group g's 16 weight scales as fp32 (0 past the row's blocks).
+inline __m512 group_scales(const Row& row, int64_t g) {
+  const uint16_t* s = row.s + g * kGroup;
+  const int64_t n = row.group_blocks(g);
+  if (n == kGroup) {
+    const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+  }
+  alignas(64) uint32_t wide[16] = {};  // a short last group: nothing past the row is read
+  for (int64_t l = 0; l < n; ++l) wide[l] = static_cast<uint32_t>(s[l]) << 16;
+  return _mm512_castsi512_ps(_mm512_load_si512(wide));
+}
 
 // ----- float path -------------------------------------------------------------------------------------
 
-// out[m * ldo] = scale * dot(x[m * K : (m + 1) * K], w[0 : K]) for m < ROWS.
+// Activation rows in the packed order, fp32, zero where a group is short: [M, groups * 512].
+// out[m * ldo] = dot(x row m, w * scales) for m < ROWS.
 template <int ROWS>
-inline void dot_rows(const float* x, const int8_t* w, int64_t K, float scale, float* out, int64_t ldo) {
+inline void dot_rows(const float* x, int64_t ldx, const Row& row, float* out, int64_t ldo) {
   __m512 acc[ROWS];
   for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    _mm_prefetch(reinterpret_cast<const char*>(w + k + kPrefetchBytes), _MM_HINT_T0);
-    const __m512i bytes = _mm512_loadu_si512(w + k);
-    const __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_castsi512_si128(bytes)));
-    const __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(bytes, 1)));
-    const __m512 w2 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(bytes, 2)));
-    const __m512 w3 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm512_extracti32x4_epi32(bytes, 3)));
-    for (int m = 0; m < ROWS; ++m) {
-      const float* xk = x + m * K + k;
-      __m512 a = _mm512_fmadd_ps(_mm512_loadu_ps(xk), w0, acc[m]);
-      a = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 16), w1, a);
-      a = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 32), w2, a);
-      acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xk + 48), w3, a);
+  const int64_t groups = (row.blocks + kGroup - 1) / kGroup;
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t n = row.group_blocks(g);
+    // Quarter i of a vector (16 bytes) holds blocks 4i ... 4i + 3, 4 channels each: their scales, lane by lane.
+    const __m512 ws = group_scales(row, g);
+    const __m512i index = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    __m512 scale[4];
+    for (int i = 0; i < 4; ++i) scale[i] = _mm512_permutexvar_ps(_mm512_add_epi32(index, _mm512_set1_epi32(4 * i)), ws);
+    const int quarters = static_cast<int>((n + 3) / 4);
+    for (int j = 0; j < 8; ++j) {
+      const int8_t* v = row.vector(g, j);
+      _mm_prefetch(reinterpret_cast<const char*>(v + kPrefetchBytes), _MM_HINT_T0);
+      alignas(64) int8_t copy[64] = {};  // AVX-512F has no byte-masked load: a short group is copied
+      if (n < kGroup) v = static_cast<const int8_t*>(std::memcpy(copy, v, 4 * n));
+      for (int i = 0; i < quarters; ++i) {
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * i));
+        const __m512 wf = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b)), scale[i]);
+        const float* xj = x + g * kGroupBytes + 64 * j + 16 * i;
+        for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xj + m * ldx), wf, acc[m]);
+      }
     }
   }
-  for (int m = 0; m < ROWS; ++m) {
-    float sum = _mm512_reduce_add_ps(acc[m]);
-    for (int64_t j = k; j < K; ++j) sum += x[m * K + j] * static_cast<float>(w[j]);
-    out[m * ldo] = sum * scale;
-  }
+  for (int m = 0; m < ROWS; ++m) out[m * ldo] = _mm512_reduce_add_ps(acc[m]);
 }
 
-// One weight row against all M activation rows, kMaxRows at a time.
 template <int ROWS = kMaxRows>
-inline void dot_all_rows(const float* x, int64_t M, const int8_t* w, int64_t K, float scale, float* out, int64_t ldo) {
+inline void dot_all_rows(const float* x, int64_t ldx, int64_t M, const Row& row, float* out, int64_t ldo) {
   if constexpr (ROWS > 0) {
-    for (; M >= ROWS; M -= ROWS, x += ROWS * K, out += ROWS * ldo) dot_rows<ROWS>(x, w, K, scale, out, ldo);
-    dot_all_rows<ROWS - 1>(x, M, w, K, scale, out, ldo);
+    for (; M >= ROWS; M -= ROWS, x += ROWS * ldx, out += ROWS * ldo) dot_rows<ROWS>(x, ldx, row, out, ldo);
+    dot_all_rows<ROWS - 1>(x, ldx, M, row, out, ldo);
   }
 }
 
 // ----- integer path (AVX-512 VNNI) ---------------------------------------------------------------------
 
-// Activation rows quantized per block of kBlock channels: x[m, b * kBlock + i] ~ a[b, m] * q[b, m, i]. Block
-// by block ([blocks, M, kBlock]), so that one block of a pass's rows lies at fixed offsets; q is 0 past K.
+// Activation rows quantized per block (x[m, k] ~ a[m, b] * q[m, k] for k in block b), in the packed order and
+// group by group, so that one group of a pass's rows lies at fixed offsets; zero where a group is short.
 struct Quantized {
-  const int8_t* q;     // [blocks, M, kBlock]
-  const float* a;      // [blocks, M]
-  const float* corr;   // [M]: 128 * sum_b a[b, m] * sum_i q[b, m, i], see dot_rows_vnni
+  const int8_t* q;        // [groups, M, 512]
+  const float* a;         // [groups, M, 16]: lane l = block l's scale
+  const int32_t* start;   // [groups, M, 16]: lane l = -128 * (block l's sum of q), see dot_rows_vnni
   int64_t M;
 };
 
-// Quantizes row x[0 : K] into q[b * ldq : b * ldq + kBlock], a[b * lda] for each block b, and its corr:
+// Quantizes row x[0 : K] into group g's q[g * ldq ...], a[g * lda ...] and start[g * lda ...]:
 // q = round-half-even(x * (127 / max|x|)), as vcvtps2dq rounds.
-QWEN_VNNI void quantize_row(const float* x, int64_t K, int8_t* q, int64_t ldq, float* a, int64_t lda, float* corr) {
-  constexpr int kVecs = kBlock / 16;
-  float sum = 0;
-  for (int64_t k = 0; k < K; k += kBlock, q += ldq, a += lda) {
-    __m512 v[kVecs];
-    __m512 amax = _mm512_setzero_ps(), probe = _mm512_setzero_ps();
-    for (int i = 0; i < kVecs; ++i) {
-      const int64_t left = K - k - 16 * i;
-      v[i] = _mm512_maskz_loadu_ps(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0, x + k + 16 * i);
-      amax = _mm512_max_ps(amax, _mm512_abs_ps(v[i]));
-      probe = _mm512_fmadd_ps(v[i], _mm512_setzero_ps(), probe);  // x * 0: NaN for an inf or NaN x
-    }
-    const float top = _mm512_reduce_max_ps(amax);
-    // A non-finite activation makes its block's scale NaN, so the outputs it feeds are NaN (inf or
-    // NaN on the float path), never finite; a zero block (or one too small for 127 / max) is all 0.
-    *a = top / 127 + _mm512_reduce_add_ps(probe);
+QWEN_VNNI void quantize_row(const float* x, int64_t K, int8_t* q, int64_t ldq, float* a, int32_t* start,
+                            int64_t lda) {
+  const int64_t blocks = (K + kBlock - 1) / kBlock;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t left = K - b * kBlock, g = b / kGroup, l = b % kGroup;
+    const __m512 v0 = _mm512_maskz_loadu_ps(lanes(left), x + b * kBlock);
+    const __m512 v1 = _mm512_maskz_loadu_ps(lanes(left - 16), x + b * kBlock + 16);
+    const float top = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
+    // x * 0 is NaN for an inf or NaN x: a non-finite activation makes its block's scale NaN, so the outputs
+    // it feeds are NaN, never finite; a zero block (or one too small for 127 / max) is all 0.
+    const __m512 zero = _mm512_setzero_ps();
+    const float scale = top / 127 + _mm512_reduce_add_ps(_mm512_fmadd_ps(v0, zero, _mm512_mul_ps(v1, zero)));
     const __m512 inv = _mm512_set1_ps(std::isfinite(127 / top) ? 127 / top : 0);
-    __m512i qsum = _mm512_setzero_si512();
-    for (int i = 0; i < kVecs; ++i) {
-      const __m512i qi = _mm512_cvtps_epi32(_mm512_mul_ps(v[i], inv));
-      qsum = _mm512_add_epi32(qsum, qi);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(q + 16 * i), _mm512_cvtepi32_epi8(qi));
-    }
-    sum += *a * static_cast<float>(128 * _mm512_reduce_add_epi32(qsum));
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_mul_ps(v0, inv)), q1 = _mm512_cvtps_epi32(_mm512_mul_ps(v1, inv));
+    alignas(16) int32_t words[8];  // 4 channels each: word j goes to vector j's lane l
+    _mm_store_si128(reinterpret_cast<__m128i*>(words), _mm512_cvtepi32_epi8(q0));
+    _mm_store_si128(reinterpret_cast<__m128i*>(words + 4), _mm512_cvtepi32_epi8(q1));
+    int8_t* qg = q + g * ldq;
+    for (int j = 0; j < 8; ++j) std::memcpy(qg + 64 * j + 4 * l, &words[j], 4);
+    a[g * lda + l] = scale;
+    start[g * lda + l] = -128 * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
   }
-  *corr = sum;
 }
 
-// The bytes of a 64-byte chunk that lie before the end of the row, `left` bytes away.
-QWEN_VNNI inline __mmask64 chunk_mask(int64_t left) {
-  return left >= 64 ? ~0ull : left > 0 ? (1ull << left) - 1 : 0;
-}
-
-// out[m * ldo] = scale * dot(x row m0 + m, w[0 : K]) for m < ROWS, on the quantized rows. vpdpbusd
-// multiplies unsigned bytes by signed ones, so w goes in as w + 128 (its sign bit flipped) and q as is:
-// each block's sum then holds 128 * sum_i q too, which corr subtracts once per row.
+// Groups [g0, g1) of out[m * ldo] = dot(x row m0 + m, w * scales) for m < ROWS, on the quantized rows, stored
+// (the first groups of a row) or added. vpdpbusd multiplies unsigned bytes by signed ones, so w goes in as
+// w + 128 (its sign bit flipped) and q as is: each block's sum then holds 128 * sum q too, which the
+// accumulator's start takes off.
 template <int ROWS>
-QWEN_VNNI inline void dot_rows_vnni(const Quantized& x, int64_t m0, const int8_t* w, int64_t K, float scale,
+QWEN_VNNI inline void dot_rows_vnni(const Quantized& x, int64_t m0, const Row& row, int64_t g0, int64_t g1,
                                     float* out, int64_t ldo) {
-  constexpr int kChunks = kBlock / 64;
   const __m512i flip = _mm512_set1_epi8(-128);
   __m512 acc[ROWS];
   for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
-  const int8_t* q = x.q + m0 * kBlock;
-  const float* a = x.a + m0;
-  for (int64_t k = 0; k < K; k += kBlock, q += x.M * kBlock, a += x.M) {
-    __m512i wu[kChunks];
-    for (int c = 0; c < kChunks; ++c) {
-      _mm_prefetch(reinterpret_cast<const char*>(w + k + 64 * c + kPrefetchBytes), _MM_HINT_T0);
-      // Masked, so nothing past the row is read (the last row ends the tensor); the zeros there become
-      // 128, against q = 0.
-      wu[c] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(chunk_mask(K - k - 64 * c), w + k + 64 * c), flip);
+  for (int64_t g = g0; g < g1; ++g) {
+    const int64_t n = row.group_blocks(g);
+    const __mmask64 mask = n >= 16 ? ~0ull : (1ull << (4 * n)) - 1;
+    __m512i wu[8];
+    for (int j = 0; j < 8; ++j) {
+      const int8_t* v = row.vector(g, j);
+      _mm_prefetch(reinterpret_cast<const char*>(v + row.blocks * kBlock), _MM_HINT_T0);  // the next row's
+      // Masked, so nothing past the row is read (the last row ends the tensor); the zeros there become 128,
+      // against q = 0.
+      wu[j] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mask, v), flip);
     }
+    const __m512 ws = group_scales(row, g);
+    const int64_t at = g * x.M + m0;
     for (int m = 0; m < ROWS; ++m) {
-      __m512i d = _mm512_setzero_si512();
-      for (int c = 0; c < kChunks; ++c) {
-        d = _mm512_dpbusd_epi32(d, wu[c], _mm512_loadu_si512(q + m * kBlock + 64 * c));
+      const int8_t* q = x.q + (at + m) * kGroupBytes;
+      // Two chains of 4 dot products, not one of 8: each waits for the one before it.
+      __m512i d0 = _mm512_loadu_si512(x.start + (at + m) * 16), d1 = _mm512_setzero_si512();
+      for (int j = 0; j < 8; j += 2) {
+        d0 = _mm512_dpbusd_epi32(d0, wu[j], _mm512_loadu_si512(q + 64 * j));
+        d1 = _mm512_dpbusd_epi32(d1, wu[j + 1], _mm512_loadu_si512(q + 64 * j + 64));
       }
-      acc[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(a[m]), acc[m]);
+      const __m512 sum = _mm512_cvtepi32_ps(_mm512_add_epi32(d0, d1));
+      acc[m] = _mm512_fmadd_ps(sum, _mm512_mul_ps(ws, _mm512_loadu_ps(x.a + (at + m) * 16)), acc[m]);
     }
   }
-  for (int m = 0; m < ROWS; ++m) out[m * ldo] = (_mm512_reduce_add_ps(acc[m]) - x.corr[m0 + m]) * scale;
+  for (int m = 0; m < ROWS; ++m) out[m * ldo] = (g0 == 0 ? 0.f : out[m * ldo]) + _mm512_reduce_add_ps(acc[m]);
 }
 
 template <int ROWS = kMaxRows>
-QWEN_VNNI inline void dot_all_rows_vnni(const Quantized& x, int64_t m0, const int8_t* w, int64_t K, float scale,
+QWEN_VNNI inline void dot_all_rows_vnni(const Quantized& x, int64_t m0, const Row& row, int64_t g0, int64_t g1,
                                         float* out, int64_t ldo) {
   if constexpr (ROWS > 0) {
-    for (; x.M - m0 >= ROWS; m0 += ROWS) dot_rows_vnni<ROWS>(x, m0, w, K, scale, out + m0 * ldo, ldo);
-    dot_all_rows_vnni<ROWS - 1>(x, m0, w, K, scale, out, ldo);
+    for (; x.M - m0 >= ROWS; m0 += ROWS) dot_rows_vnni<ROWS>(x, m0, row, g0, g1, out + m0 * ldo, ldo);
+    dot_all_rows_vnni<ROWS - 1>(x, m0, row, g0, g1, out, ldo);
   }
 }
 
 // Weight rows [n0, n1) against every quantized row (a function of its own: lambdas do not take the target).
-QWEN_VNNI void out_columns_vnni(const Quantized& x, const int8_t* w, const float* scales, int64_t K, int64_t N,
+// Every weight row re-reads all the quantized rows, which is fast while they stay in the L1 cache (48 KiB on
+// these Xeons): 8 rows of 5504 channels are 56 KiB, and 1.3x slower per weight byte than 8 rows of 2048.
+// So the rows are swept a part of their groups at a time, each part's activations fitting in kL1Budget.
+QWEN_VNNI void out_columns_vnni(const Quantized& x, const int8_t* w, const uint16_t* s, int64_t blocks, int64_t N,
                                 int64_t n0, int64_t n1, float* out) {
-  for (int64_t n = n0; n < n1; ++n) dot_all_rows_vnni(x, 0, w + n * K, K, scales[n], out + n, N);
+  constexpr int64_t kL1Budget = 32 << 10, kBytesPerGroup = kGroupBytes + 2 * 4 * kGroup;  // q, a and start
+  const int64_t groups = (blocks + kGroup - 1) / kGroup;
+  const int64_t part = std::max<int64_t>(1, kL1Budget / (std::min<int64_t>(x.M, kMaxRows) * kBytesPerGroup));
+  for (int64_t g0 = 0; g0 < groups; g0 += part) {
+    for (int64_t n = n0; n < n1; ++n) {
+      dot_all_rows_vnni(x, 0, Row{w + n * blocks * kBlock, s + n * blocks, blocks}, g0, std::min(groups, g0 + part),
+                        out + n, N);
+    }
+  }
 }
 
-// Whether M rows take the integer path: enough rows, a CPU with VNNI, and QWEN_INT8_VNNI not "0".
-bool use_vnni(int64_t M) {
-  static const bool vnni = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+// Whether the integer path runs: a CPU with VNNI, and QWEN_INT8_VNNI not "0".
+bool use_vnni() {
+  static const bool vnni = __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                           __builtin_cpu_supports("avx512vnni");
   const char* env = std::getenv("QWEN_INT8_VNNI");
-  return M >= kMinVnniRows && vnni && !(env && std::strcmp(env, "0") == 0);
+  return vnni && !(env && std::strcmp(env, "0") == 0);
+}
+
+// ----- dequantizing, for a prompt's matmul -------------------------------------------------------------
+
+// The bf16 bits of 16 fp32 values, rounded to nearest even (the weights' products are finite).
+inline __m256i to_bf16(__m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF))), 16));
+}
+
+// One weight row times its scales, in the packed order (as the row is stored), into out[0 : blocks * 32]:
+// float or bf16 bits (uint16_t).
+template <typename T>
+void dequantize_row(const Row& row, T* out) {
+  const int64_t groups = (row.blocks + kGroup - 1) / kGroup;
+  const __m512i index = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t n = row.group_blocks(g);
+    const __m512 ws = group_scales(row, g);
+    for (int j = 0; j < 8; ++j) {
+      const int8_t* v = row.vector(g, j);
+      T* o = out + (v - row.w);
+      alignas(64) int8_t copy[64] = {};
+      if (n < kGroup) v = static_cast<const int8_t*>(std::memcpy(copy, v, 4 * n));
+      for (int64_t i = 0; 4 * i < n; ++i) {  // 16 bytes: blocks 4i ... 4i + 3
+        const __m512 scale = _mm512_permutexvar_ps(_mm512_add_epi32(index, _mm512_set1_epi32(4 * i)), ws);
+        const __m512 wf = _mm512_mul_ps(
+            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v + 16 * i)))), scale);
+        const int64_t count = std::min<int64_t>(16, 4 * n - 16 * i);  // a short group's last quarter
+        alignas(64) T part[16];
+        if constexpr (std::is_same_v<T, float>) {
+          _mm512_store_ps(part, wf);
+        } else {
+          _mm256_store_si256(reinterpret_cast<__m256i*>(part), to_bf16(wf));
+        }
+        std::memcpy(o + 16 * i, part, count * sizeof(T));
+      }
+    }
+  }
+}
+
+// torch.ops.qwen.int8_dequantize(w, scales, dtype): [N, 32 * blocks] float32 or bfloat16, each weight times its
+// block's scale, in the packed order: a prompt multiplies it with activations put in that order too, so the
+// weight is never unpacked.
+at::Tensor int8_dequantize(const at::Tensor& w, const at::Tensor& scales, at::ScalarType dtype) {
+  TORCH_CHECK(w.dim() == 2 && scales.dim() == 2 && w.size(0) == scales.size(0) && w.size(1) == 32 * scales.size(1),
+              "int8_dequantize: w [N, 32 * blocks], scales [N, blocks]");
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous() && scales.scalar_type() == at::kBFloat16 &&
+              scales.is_contiguous(), "int8_dequantize: w contiguous int8, scales contiguous bf16");
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16, "int8_dequantize: float32 or bfloat16 only");
+  const int64_t N = w.size(0), blocks = scales.size(1);
+  at::Tensor out = at::empty({N, blocks * kBlock}, w.options().dtype(dtype));
+  const int8_t* wp = w.data_ptr<int8_t>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      const Row row{wp + n * blocks * kBlock, sp + n * blocks, blocks};
+      if (dtype == at::kFloat) {
+        dequantize_row(row, out.data_ptr<float>() + n * blocks * kBlock);
+      } else {
+        dequantize_row(row, reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>()) + n * blocks * kBlock);
+      }
+    }
+  });
+  return out;
 }
 
 // ----- the op ------------------------------------------------------------------------------------------
 
 at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scales.dim() == 1, "int8_matmul: x [M, K], w [N, K], scales [N]");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && scales.dim() == 2,
+              "int8_matmul: x [M, K], w [N, 32 * blocks], scales [N, blocks]");
   TORCH_CHECK(w.scalar_type() == at::kChar && w.is_contiguous(), "int8_matmul: w must be contiguous int8");
-  TORCH_CHECK(x.size(1) == w.size(1) && scales.size(0) == w.size(0), "int8_matmul: shapes do not match");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  TORCH_CHECK(scales.scalar_type() == at::kBFloat16 && scales.is_contiguous(),
+              "int8_matmul: scales must be contiguous bf16");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), blocks = (K + kBlock - 1) / kBlock;
+  TORCH_CHECK(w.size(1) == blocks * kBlock && scales.size(0) == N && scales.size(1) == blocks,
+              "int8_matmul: shapes do not match (w must be [N, 32 * ceil(K / 32)], scales [N, ceil(K / 32)])");
+  const int64_t groups = (blocks + kGroup - 1) / kGroup;
   const at::Tensor xf = x.to(at::kFloat).contiguous();
-  const at::Tensor sf = scales.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, xf.options());
   const float* xp = xf.data_ptr<float>();
   const int8_t* wp = w.data_ptr<int8_t>();
-  const float* sp = sf.data_ptr<float>();
+  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
   float* op = out.data_ptr<float>();
-  if (use_vnni(M)) {
-    const int64_t blocks = (K + kBlock - 1) / kBlock;
-    at::Tensor q = at::empty({blocks, M, kBlock}, xf.options().dtype(at::kChar));
-    at::Tensor a = at::empty({blocks, M}, xf.options());
-    at::Tensor corr = at::empty({M}, xf.options());
+  if (use_vnni()) {
+    at::Tensor q = at::zeros({groups, M, kGroupBytes}, xf.options().dtype(at::kChar));
+    at::Tensor a = at::zeros({groups, M, kGroup}, xf.options());
+    at::Tensor start = at::zeros({groups, M, kGroup}, xf.options().dtype(at::kInt));
     for (int64_t m = 0; m < M; ++m) {
-      quantize_row(xp + m * K, K, q.data_ptr<int8_t>() + m * kBlock, M * kBlock, a.data_ptr<float>() + m, M,
-                   corr.data_ptr<float>() + m);
+      quantize_row(xp + m * K, K, q.data_ptr<int8_t>() + m * kGroupBytes, M * kGroupBytes,
+                   a.data_ptr<float>() + m * kGroup, start.data_ptr<int32_t>() + m * kGroup, M * kGroup);
     }
-    const Quantized xq{q.data_ptr<int8_t>(), a.data_ptr<float>(), corr.data_ptr<float>(), M};
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { out_columns_vnni(xq, wp, sp, K, N, n0, n1, op); });
+    const Quantized xq{q.data_ptr<int8_t>(), a.data_ptr<float>(), start.data_ptr<int32_t>(), M};
+    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) { out_columns_vnni(xq, wp, sp, blocks, N, n0, n1, op); });
   } else {
+    // The activations in the packed order: channel l * 32 + 4 * j + t of group g at g * 512 + 64 * j + 4 * l + t.
+    at::Tensor packed = at::zeros({M, groups * kGroupBytes}, xf.options());
+    float* pp = packed.data_ptr<float>();
+    for (int64_t m = 0; m < M; ++m) {
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t g = k / kGroupBytes, l = k % kGroupBytes / kBlock, j = k % kBlock / 4, t = k % 4;
+        pp[m * groups * kGroupBytes + g * kGroupBytes + 64 * j + 4 * l + t] = xp[m * K + k];
+      }
+    }
     at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) dot_all_rows(xp, M, wp + n * K, K, sp[n], op + n, N);
+      for (int64_t n = n0; n < n1; ++n) {
+        dot_all_rows(pp, groups * kGroupBytes, M, Row{wp + n * blocks * kBlock, sp + n * blocks, blocks}, op + n, N);
+      }
     });
   }
   return out.to(x.scalar_type());
@@ -214,7 +339,14 @@ at::Tensor int8_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tenso
 
 }  // namespace
 
-// torch.ops.qwen.int8_matmul(x, w, scales): out = (x @ w.T) * scales for int8 w, computed in fp32.
-// A CPU kernel only: torch.compile traces the op through the shape function qwen/cpu_kernels.py registers.
-TORCH_LIBRARY(qwen, m) { m.def("int8_matmul(Tensor x, Tensor w, Tensor scales) -> Tensor"); }
-TORCH_LIBRARY_IMPL(qwen, CPU, m) { m.impl("int8_matmul", &int8_matmul); }
+// torch.ops.qwen.int8_matmul(x, w, scales): out = x @ (w * scales per block of 32 input channels).T for int8 w
+// in the packed layout above and bf16 scales [N, ceil(K / 32)], computed in fp32. A CPU kernel only:
+// torch.compile traces the op through the shape function qwen/cpu_kernels.py registers.
+TORCH_LIBRARY(qwen, m) {
+  m.def("int8_matmul(Tensor x, Tensor w, Tensor scales) -> Tensor");
+  m.def("int8_dequantize(Tensor w, Tensor scales, ScalarType dtype) -> Tensor");
+}
+TORCH_LIBRARY_IMPL(qwen, CPU, m) {
+  m.impl("int8_matmul", &int8_matmul);
+  m.impl("int8_dequantize", &int8_dequantize);
+}

@@ -28,15 +28,17 @@ from .gptq_load import BACKENDS, gptqmodel_available, load_gptq, load_if_gptq
 from .layers import (
     Int4Linear,
     Int8Linear,
+    dequantize_blocks,
     dequantize_groups,
+    quantize_blocks,
     quantize_groups,
     quantize_int4_,
     quantize_int8_,
-    quantize_rows,
 )
 
 __all__ = [
     "BACKENDS", "SUPPORTED_BITS", "GPTQError", "GPTQSettings", "Int4Linear", "Int8Linear", "dequantize",
-    "dequantize_groups", "dequantize_layer", "find_gptq_config", "gptqmodel_available", "load_gptq", "load_if_gptq",
-    "pack", "pack_layer", "quantize_groups", "quantize_int4_", "quantize_int8_", "quantize_rows", "unpack",
+    "dequantize_blocks", "dequantize_groups", "dequantize_layer", "find_gptq_config", "gptqmodel_available",
+    "load_gptq", "load_if_gptq", "pack", "pack_layer", "quantize_blocks", "quantize_groups", "quantize_int4_",
+    "quantize_int8_", "unpack",
 ]

@@ -65,34 +65,81 @@ def dequantized_linear(flat: torch.Tensor, out_features: int, rows: Callable[[in
                       for start in range(0, out_features, step)], dim=1)
 
 
-def quantize_rows(w: torch.Tensor, block_rows: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest int8 with one fp32 scale per row: ``w ~ q * scale[:, None]``.
+INT8_BLOCK = 32  # input channels per int8 weight scale where qwen's CPU kernel runs (llama.cpp's Q8_0 blocks)
+
+
+def quantize_blocks(w: torch.Tensor, block_size: int = INT8_BLOCK, block_rows: int = 1024,
+                    packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest int8 with one bf16 scale per block of ``block_size`` input channels (the last
+    block of a row may be shorter): ``w[n, k] ~ q[n, k] * scale[n, k // block_size]``; ``block_size >= in``
+    gives one scale per row. The scale is ``max|w| / 127`` of its block rounded to bf16 (34 bytes per 32
+    weights with blocks of 32, as Q8_0) and q is rounded against the rounded scale, so a scale's own rounding
+    never shows as error. Returns q (int8 [out, in]; with ``packed``, blocks of 32 in the layout of
+    ``pack_int8_blocks``) and scale (bf16 [out, blocks]).
 
     Works through ``block_rows`` rows at a time, so its fp32 temporaries stay a few MiB instead of
     several copies of the whole matrix (a 7B model's lm_head alone is 2.5 GB in fp32)."""
-    q = torch.empty(w.shape, dtype=torch.int8, device=w.device)
-    scale = torch.empty(w.shape[0], dtype=torch.float32, device=w.device)
-    for start in range(0, w.shape[0], block_rows):
+    if packed and block_size != INT8_BLOCK:
+        raise ValueError(f"the packed layout is for blocks of {INT8_BLOCK}, not {block_size}")
+    out_f, in_f = w.shape
+    block_size = min(block_size, in_f)
+    blocks = -(-in_f // block_size)
+    q = torch.empty(out_f, blocks * INT8_BLOCK if packed else in_f, dtype=torch.int8, device=w.device)
+    scale = torch.empty(out_f, blocks, dtype=torch.bfloat16, device=w.device)
+    for start in range(0, out_f, block_rows):
         rows = slice(start, start + block_rows)
-        block = w[rows].to(torch.float32, copy=True)  # never divide the caller's weight in place
-        scale[rows] = (block.abs().amax(dim=1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        q[rows] = block.div_(scale[rows, None]).round_().clamp_(-128, 127)
+        block = F.pad(w[rows].float(), (0, blocks * block_size - in_f)).view(-1, blocks, block_size)
+        scale[rows] = (block.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+        values = (block / scale[rows, :, None].float()).round_().clamp_(-127, 127).flatten(1)[:, :in_f]
+        q[rows] = pack_int8_blocks(values.to(torch.int8)) if packed else values
     return q, scale
 
 
-class Int8Linear(nn.Module):
-    """A Linear layer whose weight is stored as int8 with one scale per output channel.
+def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+                      block_size: int = INT8_BLOCK) -> torch.Tensor:
+    """The weight ``quantize_blocks(w, block_size)`` represents, in ``dtype`` (computed in fp32, rounded once);
+    one scale per row (``scale`` [out, 1]) whatever ``block_size``."""
+    out_f, in_f = q.shape
+    blocks = scale.shape[1]
+    block_size = in_f if blocks == 1 else block_size
+    padded = F.pad(q.float(), (0, blocks * block_size - in_f)).view(out_f, blocks, block_size)
+    return (padded * scale.float()[..., None]).flatten(1)[:, :in_f].to(dtype)
 
-    ``kernel`` picks the CPU int8 kernel for few rows: "qwen" (needs AVX-512 and a compiler),
-    "torch" (PyTorch's), or "auto" (qwen's where it can be built)."""
+
+def pack_int8_blocks(q: torch.Tensor) -> torch.Tensor:
+    """``q`` [out, in] (int8, channel order) in the layout qwen's int8 CPU kernel reads (see
+    ``qwen/csrc/int8_matvec.cpp``): rows padded with zeros to whole blocks of 32; in each group of 16 blocks
+    (the last may hold fewer, G), channel ``32 l + 4 j + t`` at byte ``4 G j + 4 l + t``, so one 32-bit lane
+    of each 64-byte vector belongs to one block."""
+    out_f, in_f = q.shape
+    blocks = -(-in_f // INT8_BLOCK)
+    padded = F.pad(q, (0, blocks * INT8_BLOCK - in_f))
+    return torch.cat([padded[:, start * INT8_BLOCK:end * INT8_BLOCK].reshape(out_f, end - start, 8, 4).transpose(1, 2)
+                      .reshape(out_f, -1) for start, end in _groups(blocks)], dim=1)
+
+
+def unpack_int8_blocks(packed: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The inverse of ``pack_int8_blocks``: [out, in] in channel order (any dtype)."""
+    out_f, width = packed.shape
+    return torch.cat([packed[:, start * INT8_BLOCK:end * INT8_BLOCK].reshape(out_f, 8, end - start, 4).transpose(1, 2)
+                      .reshape(out_f, -1) for start, end in _groups(width // INT8_BLOCK)], dim=1)[:, :in_features]
+
+
+def _groups(blocks: int, size: int = 16) -> list[tuple[int, int]]:
+    """The kernel's groups of blocks: [start, end) of each."""
+    return [(start, min(start + size, blocks)) for start in range(0, blocks, size)]
+
+
+class Int8Linear(nn.Module):
+    """A Linear layer whose weight is stored as int8 with bf16 scales (see ``quantize_blocks``).
+
+    ``kernel`` picks the CPU int8 kernel for decode steps: "qwen" (needs AVX-512 and a compiler), "torch"
+    (PyTorch's), or "auto" (qwen's where it can be built). qwen's kernel takes a scale per 32 input channels
+    (``block_size`` 32, Q8_0's precision); PyTorch's CPU kernel and the CUDA kernel one per output channel
+    (``block_size`` = in_features), so a layer is quantized for the kernel that runs it."""
 
     def __init__(self, linear: nn.Linear, kernel: Kernel = "auto") -> None:
         super().__init__()
-        weight, scales = quantize_rows(linear.weight.detach())
-        self.register_buffer("weight", weight)
-        self.register_buffer("scales", scales.to(linear.weight.dtype))
-        self.bias = linear.bias
-        self.in_features, self.out_features = linear.in_features, linear.out_features
         # The CPU kernel is built only for layers made on the CPU (a CUDA layer never runs it).
         on_cpu = linear.weight.device.type == "cpu"
         self.use_qwen_kernel = kernel != "torch" and on_cpu and qwen_int8_kernel() is not None
@@ -101,21 +148,38 @@ class Int8Linear(nn.Module):
                 "kernel='qwen' needs an AVX-512 CPU and a C++ toolchain to build qwen's int8 kernel "
                 "(see the warning above); use kernel='auto' to fall back to PyTorch's"
             )
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.block_size = INT8_BLOCK if self.use_qwen_kernel else self.in_features
+        weight, scales = quantize_blocks(linear.weight.detach(), self.block_size, packed=self.use_qwen_kernel)
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        scales = self.scales.to(x.dtype)
-        if x.is_cuda and flat.shape[0] <= triton_int8.BLOCK_M and triton_int8.available():
-            out = torch.ops.qwen.int8_matmul_cuda(flat, self.weight, scales)
+        per_row = self.scales.shape[1] == 1  # the kernels other than qwen's CPU one take one scale per output
+        if x.is_cuda and per_row and flat.shape[0] <= triton_int8.BLOCK_M and triton_int8.available():
+            out = torch.ops.qwen.int8_matmul_cuda(flat, self.weight, self.scales[:, 0].to(x.dtype))
+        elif self.use_qwen_kernel and not one_token_each(x):
+            # Activations in the weight's packed order, against the weight dequantized as it is stored.
+            compute = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            out = dequantized_linear(pack_int8_blocks(flat.to(compute)), self.out_features, lambda start, end:
+                                     torch.ops.qwen.int8_dequantize(self.weight[start:end], self.scales[start:end],
+                                                                    compute)).to(x.dtype)
         elif x.device.type != "cpu" or not one_token_each(x):
-            out = dequantized_linear(flat, self.out_features,
-                                     lambda start, end: self.weight[start:end].to(x.dtype) * scales[start:end, None])
+            out = dequantized_linear(flat, self.out_features, lambda start, end: self.dequantize(start, end, x.dtype))
         elif self.use_qwen_kernel:
-            out = torch.ops.qwen.int8_matmul(flat, self.weight, scales)
+            out = torch.ops.qwen.int8_matmul(flat, self.weight, self.scales)
         else:
-            out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, scales)
+            out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales[:, 0].to(x.dtype))
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
+
+    def dequantize(self, start: int = 0, end: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Output rows ``start:end`` of the float weight [rows, in], in ``dtype``."""
+        q = self.weight[start:end]
+        q = unpack_int8_blocks(q, self.in_features) if self.use_qwen_kernel else q
+        return dequantize_blocks(q, self.scales[start:end], dtype)
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
