@@ -8,8 +8,8 @@ llama.cpp is what someone decoding on a CPU would pick instead of this package, 
 set of random weights is written once as an original Qwen folder (``qwen.tiny``'s writer at the chosen shape);
 ``qwen.export`` turns that folder into GGUF files (BF16, Q8_0), ``llama-quantize`` makes Q4_0 from the BF16 one,
 and our loader reads the same folder: bf16 (qwen's AVX-512 BF16 kernel), int8 (``--int8``, a bf16 scale per
-32 weights, as Q8_0) and int4 (``--int4``, groups of 128, lm_head int8). The pairs compared are bf16 / BF16,
-int8 / Q8_0 and int4 / Q4_0 (llama.cpp's Q4_0 file keeps its output matrix in Q6_K).
+32 weights, as Q8_0) and int4 (``--int4``, a bf16 scale per 32 weights, as Q4_0; lm_head int8). The pairs
+compared are bf16 / BF16, int8 / Q8_0 and int4 / Q4_0 (llama.cpp's Q4_0 file keeps its output matrix in Q6_K).
 
 What is measured, the same way on both sides where the tools allow:
 

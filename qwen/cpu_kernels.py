@@ -3,9 +3,11 @@
 Decoding reads every weight once per token, so on a CPU its speed is the bandwidth at which a
 kernel streams the weights. Three kernels do that better than PyTorch's on AVX-512 (int4: also AVX2) CPUs:
 
-* ``torch.ops.qwen.int8_matmul`` (``int8_matvec.cpp``): int8 weight-only layers (``qwen.quantize``);
-* ``torch.ops.qwen.int4_matmul`` (``int4_matvec.cpp``): group-wise int4 layers, with activations
-  quantized to int8 for integer dot products (AVX-512 VNNI, or AVX2), as llama.cpp's Q4_0 does;
+* ``torch.ops.qwen.block_matmul`` (``block_matvec.cpp``, "the int8 kernel"): weights in blocks of 32 with a bf16
+  scale each, int8 (``--int8``, Q8_0's precision) or 4-bit (``--int4``, Q4_0's), AVX-512 (``qwen.quantize``);
+* ``torch.ops.qwen.int4_matmul`` (``int4_matvec.cpp``): int4 layers in asymmetric groups of 128 or 256 (GPTQ's
+  layout: GPTQ int4 folders, and ``--int4`` where the block kernel cannot run), with activations quantized to
+  int8 for integer dot products (AVX-512 VNNI, or AVX2);
 * ``torch.ops.qwen.bf16_matmul`` (``bf16_matvec.cpp``): bf16 layers, on CPUs with AVX-512 BF16 dot
   products (``avx512_bf16``). ``Bf16Linear`` is an ``nn.Linear`` that runs it for a few rows of bf16
   activations without gradients (decoding) and PyTorch's matmul otherwise; models loaded onto the
@@ -56,7 +58,7 @@ def build_folder(name: str) -> Path:
 # label: (source name in csrc/, compiler flags). The flags only let the compiler emit the instructions; each
 # kernel checks that the CPU has them before it is used, so a build runs on any x86-64 machine.
 KERNELS = {
-    "int8": ("int8_matvec", ["-mavx512f"]),
+    "int8": ("block_matvec", ["-mavx512f"]),
     "int4": ("int4_matvec", []),  # per-function targets: AVX-512 VNNI or AVX2, picked at run time
     "bf16": ("bf16_matvec", ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
 }
@@ -127,8 +129,8 @@ def _put_ninja_on_path() -> None:
 
 @functools.cache
 def qwen_int8_kernel():
-    """qwen's AVX-512 int8 kernel (``torch.ops.qwen.int8_matmul``), or None where it is unavailable
-    (no AVX-512, no compiler, or ``QWEN_INT8_KERNEL=torch``)."""
+    """qwen's AVX-512 block kernel for int8 and 4-bit blocks (``torch.ops.qwen.block_matmul``), or None where it
+    is unavailable (no AVX-512, no compiler, or ``QWEN_INT8_KERNEL=torch``)."""
     if os.environ.get("QWEN_INT8_KERNEL", "auto") == "torch":
         return None
     if torch.backends.cpu.get_cpu_capability() != "AVX512":
@@ -137,9 +139,10 @@ def qwen_int8_kernel():
     if not _build("int8", *KERNELS["int8"]):
         return None
     # The output's shape and dtype, for torch.compile (the engine's compiled decode step).
-    torch.library.register_fake("qwen::int8_matmul")(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
-    torch.library.register_fake("qwen::int8_dequantize")(lambda w, scales, dtype: w.new_empty(w.shape, dtype=dtype))
-    return torch.ops.qwen.int8_matmul
+    torch.library.register_fake("qwen::block_matmul")(lambda x, w, scales: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("qwen::block_dequantize")(
+        lambda w, scales, dtype: w.new_empty(w.shape[0], 32 * scales.shape[1], dtype=dtype))
+    return torch.ops.qwen.block_matmul
 
 
 @functools.cache

@@ -1,4 +1,6 @@
-"""int4 weight-only layers (``Int4Linear``, ``quantize_int4_``, ``--int4``): group-wise round-to-nearest
+"""int4 weight-only layers (``quantize_int4_``, ``--int4``): 4-bit blocks of 32 with a bf16 scale each (Q4_0's
+rule, ``BlockLinear``: the default where qwen's AVX-512 block kernel runs, whose arithmetic test_int8_kernel.py
+checks) and asymmetric groups (``Int4Linear``: GPTQ's layout). Group-wise round-to-nearest
 checked against its float64 formula; qwen's CPU kernel (int8 activations, integer dot products, AVX-512
 VNNI and AVX2) against a float64 model of what it computes, and its dequantized prefill path; PyTorch's
 CPU int4 kernel against the dequantized weight; whole models through the engine and the front ends'
@@ -18,15 +20,25 @@ from test_int8_kernel import decoded_logits, run_python  # tests/ is on sys.path
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from qwen.cpu_kernels import qwen_int4_kernel
+from qwen.cpu_kernels import qwen_int4_kernel, qwen_int8_kernel
 from qwen.engine import Engine
 from qwen.loading import add_model_args, load_model
-from qwen.quantize import Int4Linear, dequantize_groups, quantize_groups, quantize_int4_
+from qwen.quantization.layers import BlockLinear, unpack_blocks
+from qwen.quantize import (
+    Int4Linear,
+    dequantize_blocks,
+    dequantize_groups,
+    quantize_blocks,
+    quantize_groups,
+    quantize_int4_,
+)
 from qwen.sampling import SamplingParams
 from qwen.tiny import make_tiny_checkpoint
 
 HAS_KERNEL = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="qwen's int4 kernel needs an AVX2 CPU")
+needs_block_kernel = pytest.mark.skipif(torch.backends.cpu.get_cpu_capability() != "AVX512",
+                                        reason="qwen's block kernel (--int4's blocks of 32) needs an AVX-512 CPU")
 
 
 @pytest.fixture(scope="module")
@@ -262,6 +274,49 @@ def test_unsupported_shapes_are_refused():
         Int4Linear.from_linear(nn.Linear(64, 12), 32)
 
 
+def test_quantize_blocks_4_bits_follows_q4_0s_rule():
+    """4 bits in blocks of 32: scale = the block's weight of largest magnitude / -8 (rounded to bf16), q = round(w /
+    scale) + 8 in 0..15, so that weight is exactly -8 steps and every other one within half a step, but those
+    past +7 steps on the other side (clipped: within one step); a zero block is all zeros; packed, the same q."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(64, 100, generator=g) * torch.rand(64, 1, generator=g)
+    w[3] = 0
+    q, scale = quantize_blocks(w, bits=4)
+    blocks = torch.nn.functional.pad(w, (0, 28)).view(64, 4, 32)
+    largest = blocks.gather(-1, blocks.abs().argmax(-1, keepdim=True))[..., 0]
+    assert torch.equal(scale, (largest / -8).bfloat16()) and q.dtype == torch.uint8 and int(q.max()) <= 15
+    step = scale.double().abs().repeat_interleave(32, dim=1)[:, :100]
+    error = (dequantize_blocks(q, scale, torch.float64) - w.double()).abs()
+    clipped = q == 15
+    assert (error[~clipped] <= step[~clipped] * 0.5001).all() and (error[clipped] <= step[clipped] * 1.0001).all()
+    assert clipped.any() and q[3].eq(8).all() and scale[3].eq(0).all()
+    assert torch.equal(unpack_blocks(quantize_blocks(w, bits=4, packed=True)[0], 100, bits=4), q)
+
+
+@needs_block_kernel
+def test_whole_model_int4_in_blocks_of_32(model_128, tokenizer):
+    """--int4's default on an AVX-512 CPU: every block Linear in 4-bit blocks of 32 (the lm_head int8). The engine
+    (eager and compiled, alone and batched) gives model.generate's greedy tokens, and decoding one token at a time
+    (the kernel, 8-bit activations) stays near the same weights dequantized (the prompt path)."""
+    model = quantize_int4_(copy.deepcopy(model_128))
+    blocks = [m for m in model.modules() if type(m) is BlockLinear]
+    assert len(blocks) == 5 * model.config.num_hidden_layers and all(m.bits == 4 for m in blocks)
+    prompts = [tokenizer.encode(t) for t in ("The quick brown fox jumps over the lazy dog", "a b c d", "你好，世界")]
+    params = SamplingParams(max_new_tokens=8, do_sample=False)
+    alone = [Engine(model, tokenizer).generate([p], params)[0].output_ids for p in prompts]
+    for p, out in zip(prompts, alone, strict=True):
+        ref = model.generate(torch.tensor([p]), max_new_tokens=8, do_sample=False, repetition_penalty=1.0,
+                             eos_token_id=None)[0, len(p):].tolist()
+        assert out == ref
+    for compile in (False, True):
+        assert [seq.output_ids for seq in Engine(model, tokenizer, compile=compile).generate(prompts, params)] == alone
+    ids = torch.tensor([prompts[0] + alone[0]])
+    with torch.no_grad():
+        want = model(ids).logits[0]  # every position at once: the prompt path, dequantized weights
+    got = decoded_logits(model, ids)
+    assert (got - want).abs().max() < 0.02 * want.abs().max()
+
+
 def test_whole_model_int4(tiny_model, tokenizer):
     """quantize_int4_ on every block Linear (lm_head kept) decodes close to the float model: its
     next-token distribution stays near, and the engine's greedy tokens equal model.generate's."""
@@ -282,7 +337,8 @@ def test_int4_flag_of_the_front_ends(tiny_chat):
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     model, _ = load_model(tiny_chat, parser.parse_args(["--int4", "--cpu-only"]))
-    assert isinstance(model.transformer.h[0].mlp.w1, Int4Linear)
+    blocks = qwen_int8_kernel() is not None  # an AVX-512 CPU: 4-bit blocks of 32, else groups of 128
+    assert isinstance(model.transformer.h[0].mlp.w1, BlockLinear if blocks else Int4Linear)
     with pytest.raises(SystemExit):
         parser.parse_args(["--int4", "--int8"])
 
@@ -339,7 +395,7 @@ def test_whole_model_on_qwen_kernel(kernel, model_128, tokenizer):
 
 
 @needs_kernel
-@pytest.mark.parametrize("quantize", ["int4", "int8"])
+@pytest.mark.parametrize("quantize", ["int4", pytest.param("int4 blocks", marks=needs_block_kernel), "int8"])
 def test_a_quantized_reply_does_not_depend_on_its_batch_mates(kernel, model_128, tokenizer, quantize):
     """Short prompts alone would fit a decode kernel's row bound, in a batch they do not: the layers choose
     their path by the tokens each sequence brings (decode steps: the kernel; a prompt: the dequantized weight),
@@ -348,7 +404,10 @@ def test_a_quantized_reply_does_not_depend_on_its_batch_mates(kernel, model_128,
     from qwen.quantize import quantize_int8_
 
     model = copy.deepcopy(model_128)
-    quantize_int4_(model, group_size=128) if quantize == "int4" else quantize_int8_(model, kernel="qwen")
+    if quantize == "int8":
+        quantize_int8_(model, kernel="qwen")
+    else:
+        quantize_int4_(model, group_size=128 if quantize == "int4" else None)
     texts = ["a b c", "你好", "The quick brown fox", "1 2 3 4 5", "Hello there, how are you today?", "x"]
     prompts = [tokenizer.encode(t) for t in texts]
     # alone, within the old row bounds of the kernels (16 int4, 32 int8 rows); together, one chunk past them
@@ -365,18 +424,19 @@ def test_a_quantized_reply_does_not_depend_on_its_batch_mates(kernel, model_128,
 
 
 def test_int4_lm_head_choice(model_128):
-    """--int4 makes the lm_head int8 by default (per-channel int8 is close to lossless, and it is the
-    largest single read of a decode step); lm_head="int4" and "keep" as asked."""
+    """--int4 makes the lm_head int8 by default (int8 is close to lossless, and it is the largest single read
+    of a decode step); lm_head="int4" (4 bits like the other layers) and "keep" as asked."""
     from qwen.quantize import Int8Linear
 
     assert isinstance(quantize_int4_(copy.deepcopy(model_128)).lm_head, Int8Linear)
-    assert isinstance(quantize_int4_(copy.deepcopy(model_128), lm_head="int4").lm_head, Int4Linear)
+    head = quantize_int4_(copy.deepcopy(model_128), lm_head="int4").lm_head
+    assert type(head) is BlockLinear and head.bits == 4 if qwen_int8_kernel() else isinstance(head, Int4Linear)
     assert type(quantize_int4_(copy.deepcopy(model_128), lm_head="keep").lm_head) is nn.Linear
 
 
 FALLBACK = """
 import torch
-from qwen.cpu_kernels import qwen_int4_kernel
+from qwen.cpu_kernels import qwen_int4_kernel, qwen_int8_kernel
 from qwen.quantize import Int4Linear, dequantize_groups, quantize_groups
 print("kernel", qwen_int4_kernel())
 linear = torch.nn.Linear(256, 32)

@@ -1,5 +1,6 @@
-"""Int8 weight-only layers: qwen's AVX-512 kernel, PyTorch's kernel, the dequantized path, and the
-fallback when qwen's kernel cannot be built.
+"""Int8 weight-only layers and qwen's AVX-512 block kernel (int8 and 4-bit weights in blocks of 32, see
+qwen/csrc/block_matvec.cpp): PyTorch's kernel, the dequantized path, and the fallback when qwen's kernel cannot
+be built.
 
 qwen's kernel is compiled on first use (about 15 s, then cached like any user's build); its tests
 run where the CPU has AVX-512 and are skipped, visibly, elsewhere. It has two paths:
@@ -20,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen.engine import Engine
-from qwen.quantization.layers import pack_int8_blocks, unpack_int8_blocks
+from qwen.quantization.layers import pack_blocks, unpack_blocks
 from qwen.quantize import Int8Linear, dequantize_blocks, quantize_blocks, quantize_int8_, qwen_int8_kernel
 from qwen.sampling import SamplingParams
 
@@ -42,13 +43,14 @@ BLOCK = 32  # input channels per weight scale, and per activation scale on the i
 
 @pytest.fixture(scope="module")
 def kernel():
-    """qwen's kernel, called as the layer calls it: ``w`` [N, K] int8 in channel order (packed here) and one
-    scale per block of 32 (``scales`` [N, ceil(K / 32)], rounded to bf16 as the layer stores them)."""
+    """qwen's kernel, called as the layer calls it: ``w`` [N, K] in channel order (packed here), int8 or 4-bit
+    values (uint8 0..15, weight q - 8), and one scale per block of 32 (``scales`` [N, ceil(K / 32)], rounded to
+    bf16 as the layers store them)."""
     if not AVX512:
         pytest.skip("qwen's int8 kernel needs an AVX-512 CPU")
     op = qwen_int8_kernel()
     assert op is not None, "qwen's int8 kernel did not build on an AVX-512 machine (see the warning)"
-    return lambda x, w, scales: op(x, pack_int8_blocks(w), scales.bfloat16())
+    return lambda x, w, scales: op(x, pack_blocks(w, 8 if w.dtype == torch.int8 else 4), scales.bfloat16())
 
 
 @pytest.fixture(params=["float", "integer"])
@@ -77,7 +79,8 @@ def quantized_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def weight(w: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The float64 weight [N, K] the kernel multiplies: w times its blocks' bf16 scales."""
+    """The float64 weight [N, K] the kernel multiplies: w (int8, or uint8 4-bit values minus 8) times its blocks'
+    bf16 scales."""
     return dequantize_blocks(w, scales.bfloat16(), torch.float64)
 
 
@@ -114,7 +117,7 @@ def assert_matches_reference(got, x, w, scales, path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_quantize_blocks_follows_the_formula_row_block_by_row_block(dtype):
+def test_quantize_blocks_follows_the_formula_row_block_by_row_block(dtype):  # 8 bits; 4: test_int4.py
     """One bf16 scale per 32 input channels (max|w| / 127, rounded), q rounded against the rounded scale; the same
     with one scale per row; the packed layout unpacks to the same q; the caller's weight untouched."""
     g = torch.Generator().manual_seed(2)
@@ -131,26 +134,33 @@ def test_quantize_blocks_follows_the_formula_row_block_by_row_block(dtype):
         assert q.abs().amax(dim=1)[torch.arange(1000) != 7].ge(126).all()
     packed, packed_scale = quantize_blocks(w, packed=True)
     assert packed.shape == (1000, 128) and torch.equal(packed_scale, quantize_blocks(w)[1])
-    assert torch.equal(unpack_int8_blocks(packed, 100), quantize_blocks(w)[0])
+    assert torch.equal(unpack_blocks(packed, 100), quantize_blocks(w)[0])
     assert torch.equal(w, original)  # the caller's weight is untouched
 
 
 def test_the_packed_layout_puts_a_block_in_each_lane():
-    """Channel 32 l + 4 j + t of a group of G blocks sits at byte 4 G j + 4 l + t (see int8_matvec.cpp): a full
+    """Channel 32 l + 4 j + t of a group of G blocks sits at byte 4 G j + 4 l + t (see block_matvec.cpp): a full
     group of 16 blocks and a short last one of 2."""
     channels = torch.arange(18 * BLOCK)[None, :]
-    packed = pack_int8_blocks(channels)
+    packed = pack_blocks(channels)
     for c in (0, 1, 4, 31, 32, 100, 511):  # in the first group, G = 16
         lane, j, t = c // 32, c % 32 // 4, c % 4
         assert packed[0, 64 * j + 4 * lane + t] == c
     for c in (512, 545, 575):  # the last group, G = 2
         lane, j, t = (c - 512) // 32, c % 32 // 4, c % 4
         assert packed[0, 512 + 8 * j + 4 * lane + t] == c
-    assert torch.equal(unpack_int8_blocks(packed, 18 * BLOCK), channels)
+    assert torch.equal(unpack_blocks(packed, 18 * BLOCK), channels)
 
 
+def random_weights(outputs: int, width: int, bits: int, g: torch.Generator) -> torch.Tensor:
+    if bits == 8:
+        return torch.randint(-127, 128, (outputs, width), generator=g, dtype=torch.int8)
+    return torch.randint(0, 16, (outputs, width), generator=g, dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_kernel_matches_float64_reference(kernel, path, dtype):
+def test_kernel_matches_float64_reference(kernel, path, dtype, bits):
     """Every row-block size (1-8 and past 8), widths with short blocks, short groups of blocks and several
     groups, odd outputs. On the integer path 8-bit activations move these random outputs by about 1% of the
     largest one, within their worst case."""
@@ -159,11 +169,26 @@ def test_kernel_matches_float64_reference(kernel, path, dtype):
         for width in (5, 64, 100, 128, 200, 544, 600, 1100):
             for outputs in (1, 3, 130):
                 x = torch.randn(rows, width, generator=g).to(dtype)
-                w = torch.randint(-127, 128, (outputs, width), generator=g, dtype=torch.int8)
-                scales = torch.rand(outputs, -(-width // BLOCK), generator=g)
+                w = random_weights(outputs, width, bits, g)
+                scales = torch.rand(outputs, -(-width // BLOCK), generator=g) - 0.5  # 4 bits: scales of either sign
                 got = kernel(x, w, scales)
                 assert got.dtype == dtype and got.shape == (rows, outputs)
                 assert_matches_reference(got, x, w, scales, path)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_dequantized_weight_is_the_packed_weight_times_its_scales(kernel, bits):
+    """block_dequantize (a prompt's weight) gives each weight times its block's scale in the packed channel
+    order, in fp32 exactly and in bf16 rounded once; activations packed the same way meet it in a matmul."""
+    g = torch.Generator().manual_seed(7)
+    w, scales = random_weights(40, 600, bits, g), torch.rand(40, 19, generator=g).bfloat16()
+    packed = pack_blocks(w, bits)
+    full = weight(w, scales)
+    got = torch.ops.qwen.block_dequantize(packed, scales, torch.float32)
+    assert got.shape == (40, 608) and torch.equal(got.double(), pack_blocks(full))
+    assert torch.equal(torch.ops.qwen.block_dequantize(packed, scales, torch.bfloat16), got.bfloat16())
+    x = torch.randn(3, 600, generator=g, dtype=torch.float64)
+    torch.testing.assert_close(pack_blocks(x) @ got.double().T, x @ full.T)
 
 
 def test_rows_are_computed_independently(kernel, path):

@@ -28,7 +28,7 @@ def test_wheel_contains_subpackages_vocabulary_and_kernel_source(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     files = [*source.glob("qwen/**/*.py"), *source.glob("qwen/csrc/*.cpp"), source / "qwen/qwen.tiktoken"]
     expected = {str(path.relative_to(source)) for path in files}
-    assert {"qwen/serve/app.py", "qwen/apps/web.py", "qwen/csrc/int8_matvec.cpp"} <= expected
+    assert {"qwen/serve/app.py", "qwen/apps/web.py", "qwen/csrc/block_matvec.cpp"} <= expected
     assert expected <= names, sorted(expected - names)
 
 

@@ -65,64 +65,90 @@ def dequantized_linear(flat: torch.Tensor, out_features: int, rows: Callable[[in
                       for start in range(0, out_features, step)], dim=1)
 
 
-INT8_BLOCK = 32  # input channels per int8 weight scale where qwen's CPU kernel runs (llama.cpp's Q8_0 blocks)
+BLOCK = 32  # input channels per scale in qwen's block format (llama.cpp's Q8_0 and Q4_0 blocks)
 
 
-def quantize_blocks(w: torch.Tensor, block_size: int = INT8_BLOCK, block_rows: int = 1024,
+def quantize_blocks(w: torch.Tensor, block_size: int = BLOCK, bits: int = 8, block_rows: int = 1024,
                     packed: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest int8 with one bf16 scale per block of ``block_size`` input channels (the last
-    block of a row may be shorter): ``w[n, k] ~ q[n, k] * scale[n, k // block_size]``; ``block_size >= in``
-    gives one scale per row. The scale is ``max|w| / 127`` of its block rounded to bf16 (34 bytes per 32
-    weights with blocks of 32, as Q8_0) and q is rounded against the rounded scale, so a scale's own rounding
-    never shows as error. Returns q (int8 [out, in]; with ``packed``, blocks of 32 in the layout of
-    ``pack_int8_blocks``) and scale (bf16 [out, blocks]).
+    """Symmetric round-to-nearest with one bf16 scale per block of ``block_size`` input channels (the last block
+    of a row may be shorter; ``block_size >= in`` gives one scale per row), rounded against the rounded scale so
+    that a scale's own rounding never shows as error. Returns q [out, in] and scale (bf16 [out, blocks]):
 
-    Works through ``block_rows`` rows at a time, so its fp32 temporaries stay a few MiB instead of
-    several copies of the whole matrix (a 7B model's lm_head alone is 2.5 GB in fp32)."""
-    if packed and block_size != INT8_BLOCK:
-        raise ValueError(f"the packed layout is for blocks of {INT8_BLOCK}, not {block_size}")
+    * 8 bits, as Q8_0: scale = max|w| / 127, w ~ q * scale with q int8 in -127..127;
+    * 4 bits, as Q4_0: scale = m / -8 for the block's weight m of largest magnitude (so m is exactly -8 steps,
+      and the other side reaches 7), w ~ (q - 8) * scale with q uint8 in 0..15.
+
+    With blocks of 32, 34 bytes per 32 weights (8 bits) or 18 (4 bits). ``packed`` returns q in the layout of
+    ``pack_blocks``. Works through ``block_rows`` rows at a time, so its fp32 temporaries stay a few MiB
+    instead of several copies of the whole matrix (a 7B model's lm_head alone is 2.5 GB in fp32)."""
+    if bits not in (8, 4) or (packed and block_size != BLOCK):
+        raise ValueError(f"blocks of {block_size} at {bits} bits: qwen's block format is 8 or 4 bits (packed: "
+                         f"blocks of {BLOCK})")
     out_f, in_f = w.shape
     block_size = min(block_size, in_f)
     blocks = -(-in_f // block_size)
-    q = torch.empty(out_f, blocks * INT8_BLOCK if packed else in_f, dtype=torch.int8, device=w.device)
+    width = (blocks * BLOCK * bits // 8) if packed else in_f
+    q = torch.empty(out_f, width, dtype=torch.int8 if bits == 8 else torch.uint8, device=w.device)
     scale = torch.empty(out_f, blocks, dtype=torch.bfloat16, device=w.device)
     for start in range(0, out_f, block_rows):
         rows = slice(start, start + block_rows)
         block = F.pad(w[rows].float(), (0, blocks * block_size - in_f)).view(-1, blocks, block_size)
-        scale[rows] = (block.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
-        values = (block / scale[rows, :, None].float()).round_().clamp_(-127, 127).flatten(1)[:, :in_f]
-        q[rows] = pack_int8_blocks(values.to(torch.int8)) if packed else values
+        if bits == 8:
+            scale[rows] = (block.abs().amax(-1) / 127).clamp(min=torch.finfo(torch.float32).tiny)
+            values = (block / scale[rows, :, None].float()).round_().clamp_(-127, 127)
+        else:
+            largest = block.gather(-1, block.abs().argmax(-1, keepdim=True))[..., 0]
+            scale[rows] = largest / -8
+            inverse = torch.where(scale[rows] != 0, 1 / scale[rows].float(), 0)
+            values = (block * inverse[..., None]).round_().add_(8).clamp_(0, 15)
+        values = values.flatten(1)[:, :in_f].to(q.dtype)
+        q[rows] = pack_blocks(values, bits) if packed else values
     return q, scale
 
 
 def dequantize_blocks(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
-                      block_size: int = INT8_BLOCK) -> torch.Tensor:
-    """The weight ``quantize_blocks(w, block_size)`` represents, in ``dtype`` (computed in fp32, rounded once);
-    one scale per row (``scale`` [out, 1]) whatever ``block_size``."""
+                      block_size: int = BLOCK) -> torch.Tensor:
+    """The weight ``quantize_blocks(w, block_size, bits)`` represents (q in channel order: int8 for 8 bits, uint8
+    for 4), in ``dtype`` (computed in fp32, rounded once); one scale per row (``scale`` [out, 1]) whatever
+    ``block_size``."""
     out_f, in_f = q.shape
     blocks = scale.shape[1]
     block_size = in_f if blocks == 1 else block_size
-    padded = F.pad(q.float(), (0, blocks * block_size - in_f)).view(out_f, blocks, block_size)
+    values = q.float() - (8 if q.dtype == torch.uint8 else 0)
+    padded = F.pad(values, (0, blocks * block_size - in_f)).view(out_f, blocks, block_size)
     return (padded * scale.float()[..., None]).flatten(1)[:, :in_f].to(dtype)
 
 
-def pack_int8_blocks(q: torch.Tensor) -> torch.Tensor:
-    """``q`` [out, in] (int8, channel order) in the layout qwen's int8 CPU kernel reads (see
-    ``qwen/csrc/int8_matvec.cpp``): rows padded with zeros to whole blocks of 32; in each group of 16 blocks
-    (the last may hold fewer, G), channel ``32 l + 4 j + t`` at byte ``4 G j + 4 l + t``, so one 32-bit lane
-    of each 64-byte vector belongs to one block."""
+def pack_blocks(q: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """``q`` [out, in] (channel order) in the layout qwen's block kernel reads (``qwen/csrc/block_matvec.cpp``):
+    rows padded with zeros to whole blocks of 32; in each group of 16 blocks (the last may hold fewer, G),
+    channel ``32 l + 4 j + t`` in "vector" j, byte ``4 l + t``, so one 32-bit lane of a 64-byte vector belongs
+    to one block. 8 bits: vector j at byte ``4 G j`` of the group. 4 bits: vectors j and j + 4 share the bytes at
+    ``4 G j`` (j < 4), j in the low nibbles. Any dtype with 8 bits (activations too: a prompt's are put in this
+    order to meet the weight as it is stored)."""
     out_f, in_f = q.shape
-    blocks = -(-in_f // INT8_BLOCK)
-    padded = F.pad(q, (0, blocks * INT8_BLOCK - in_f))
-    return torch.cat([padded[:, start * INT8_BLOCK:end * INT8_BLOCK].reshape(out_f, end - start, 8, 4).transpose(1, 2)
-                      .reshape(out_f, -1) for start, end in _groups(blocks)], dim=1)
+    blocks = -(-in_f // BLOCK)
+    padded = F.pad(q, (0, blocks * BLOCK - in_f), value=8 if bits == 4 else 0)  # weights of 0 past the row
+    parts = []
+    for start, end in _groups(blocks):
+        group = padded[:, start * BLOCK:end * BLOCK].reshape(out_f, end - start, 8, 4).transpose(1, 2)
+        parts.append((group if bits == 8 else group[:, :4] | group[:, 4:] << 4).reshape(out_f, -1))
+    return torch.cat(parts, dim=1)
 
 
-def unpack_int8_blocks(packed: torch.Tensor, in_features: int) -> torch.Tensor:
-    """The inverse of ``pack_int8_blocks``: [out, in] in channel order (any dtype)."""
-    out_f, width = packed.shape
-    return torch.cat([packed[:, start * INT8_BLOCK:end * INT8_BLOCK].reshape(out_f, 8, end - start, 4).transpose(1, 2)
-                      .reshape(out_f, -1) for start, end in _groups(width // INT8_BLOCK)], dim=1)[:, :in_features]
+def unpack_blocks(packed: torch.Tensor, in_features: int, bits: int = 8) -> torch.Tensor:
+    """The inverse of ``pack_blocks``: [out, in] in channel order."""
+    out_f = packed.shape[0]
+    parts, offset = [], 0
+    for start, end in _groups(packed.shape[1] * 8 // bits // BLOCK):
+        size = (end - start) * BLOCK * bits // 8
+        group = packed[:, offset:offset + size]
+        offset += size
+        if bits == 4:
+            group = group.reshape(out_f, 4, -1)
+            group = torch.cat([group & 15, group >> 4], dim=1)
+        parts.append(group.reshape(out_f, 8, end - start, 4).transpose(1, 2).reshape(out_f, -1))
+    return torch.cat(parts, dim=1)[:, :in_features]
 
 
 def _groups(blocks: int, size: int = 16) -> list[tuple[int, int]]:
@@ -130,56 +156,85 @@ def _groups(blocks: int, size: int = 16) -> list[tuple[int, int]]:
     return [(start, min(start + size, blocks)) for start in range(0, blocks, size)]
 
 
-class Int8Linear(nn.Module):
-    """A Linear layer whose weight is stored as int8 with bf16 scales (see ``quantize_blocks``).
+class BlockLinear(nn.Module):
+    """A Linear layer whose weight is stored in blocks of 32 input channels with one bf16 scale each (see
+    ``quantize_blocks``): 8 bits (Q8_0's precision) or 4 bits (Q4_0's), run by qwen's CPU block kernel
+    (``torch.ops.qwen.block_matmul``, AVX-512; ``qwen_int8_kernel()`` must have built it). Decode steps
+    (``one_token_each``) multiply the packed weight; a prompt's tokens put their activations in the packed
+    channel order and multiply the weight dequantized as it is stored, a few MiB at a time."""
 
-    ``kernel`` picks the CPU int8 kernel for decode steps: "qwen" (needs AVX-512 and a compiler), "torch"
-    (PyTorch's), or "auto" (qwen's where it can be built). qwen's kernel takes a scale per 32 input channels
-    (``block_size`` 32, Q8_0's precision); PyTorch's CPU kernel and the CUDA kernel one per output channel
-    (``block_size`` = in_features), so a layer is quantized for the kernel that runs it."""
-
-    def __init__(self, linear: nn.Linear, kernel: Kernel = "auto") -> None:
+    def __init__(self, linear: nn.Linear, bits: int = 8) -> None:
         super().__init__()
-        # The CPU kernel is built only for layers made on the CPU (a CUDA layer never runs it).
-        on_cpu = linear.weight.device.type == "cpu"
-        self.use_qwen_kernel = kernel != "torch" and on_cpu and qwen_int8_kernel() is not None
-        if kernel == "qwen" and on_cpu and not self.use_qwen_kernel:
-            raise RuntimeError(
-                "kernel='qwen' needs an AVX-512 CPU and a C++ toolchain to build qwen's int8 kernel "
-                "(see the warning above); use kernel='auto' to fall back to PyTorch's"
-            )
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.block_size = INT8_BLOCK if self.use_qwen_kernel else self.in_features
-        weight, scales = quantize_blocks(linear.weight.detach(), self.block_size, packed=self.use_qwen_kernel)
+        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
+        self.use_qwen_kernel = True
+        weight, scales = quantize_blocks(linear.weight.detach(), BLOCK, bits, packed=True)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.bias = linear.bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        per_row = self.scales.shape[1] == 1  # the kernels other than qwen's CPU one take one scale per output
-        if x.is_cuda and per_row and flat.shape[0] <= triton_int8.BLOCK_M and triton_int8.available():
-            out = torch.ops.qwen.int8_matmul_cuda(flat, self.weight, self.scales[:, 0].to(x.dtype))
-        elif self.use_qwen_kernel and not one_token_each(x):
-            # Activations in the weight's packed order, against the weight dequantized as it is stored.
-            compute = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
-            out = dequantized_linear(pack_int8_blocks(flat.to(compute)), self.out_features, lambda start, end:
-                                     torch.ops.qwen.int8_dequantize(self.weight[start:end], self.scales[start:end],
-                                                                    compute)).to(x.dtype)
-        elif x.device.type != "cpu" or not one_token_each(x):
-            out = dequantized_linear(flat, self.out_features, lambda start, end: self.dequantize(start, end, x.dtype))
-        elif self.use_qwen_kernel:
-            out = torch.ops.qwen.int8_matmul(flat, self.weight, self.scales)
+        if one_token_each(x):
+            out = torch.ops.qwen.block_matmul(flat, self.weight, self.scales)
         else:
-            out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, self.scales[:, 0].to(x.dtype))
+            compute = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            out = dequantized_linear(pack_blocks(flat.to(compute)), self.out_features, lambda start, end: (
+                torch.ops.qwen.block_dequantize(self.weight[start:end], self.scales[start:end], compute))).to(x.dtype)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
 
     def dequantize(self, start: int = 0, end: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """Output rows ``start:end`` of the float weight [rows, in], in ``dtype``."""
-        q = self.weight[start:end]
-        q = unpack_int8_blocks(q, self.in_features) if self.use_qwen_kernel else q
+        """Output rows ``start:end`` of the float weight [rows, in] in channel order, in ``dtype``."""
+        q = unpack_blocks(self.weight[start:end], self.in_features, self.bits)
         return dequantize_blocks(q, self.scales[start:end], dtype)
+
+
+class Int8Linear(BlockLinear):
+    """A Linear layer whose weight is stored as int8 with bf16 scales (see ``quantize_blocks``).
+
+    ``kernel`` picks the CPU int8 kernel for decode steps: "qwen" (needs AVX-512 and a compiler), "torch"
+    (PyTorch's), or "auto" (qwen's where it can be built). qwen's kernel takes a scale per 32 input channels
+    (a ``BlockLinear``, Q8_0's precision); PyTorch's CPU kernel and the CUDA kernel one per output channel, so
+    a layer is quantized for the kernel that runs it."""
+
+    def __init__(self, linear: nn.Linear, kernel: Kernel = "auto") -> None:
+        # The CPU kernel is built only for layers made on the CPU (a CUDA layer never runs it).
+        on_cpu = linear.weight.device.type == "cpu"
+        use_qwen_kernel = kernel != "torch" and on_cpu and qwen_int8_kernel() is not None
+        if kernel == "qwen" and on_cpu and not use_qwen_kernel:
+            raise RuntimeError(
+                "kernel='qwen' needs an AVX-512 CPU and a C++ toolchain to build qwen's int8 kernel "
+                "(see the warning above); use kernel='auto' to fall back to PyTorch's"
+            )
+        if use_qwen_kernel:
+            super().__init__(linear, bits=8)
+            return
+        nn.Module.__init__(self)
+        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, 8
+        self.use_qwen_kernel = False
+        weight, scales = quantize_blocks(linear.weight.detach(), self.in_features)  # one scale per row
+        self.register_buffer("weight", weight)
+        self.register_buffer("scales", scales)
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_qwen_kernel:
+            return super().forward(x)
+        flat = x.reshape(-1, self.in_features)
+        scales = self.scales[:, 0].to(x.dtype)
+        if x.is_cuda and flat.shape[0] <= triton_int8.BLOCK_M and triton_int8.available():
+            out = torch.ops.qwen.int8_matmul_cuda(flat, self.weight, scales)
+        elif x.device.type != "cpu" or not one_token_each(x):
+            out = dequantized_linear(flat, self.out_features, lambda start, end: self.dequantize(start, end, x.dtype))
+        else:
+            out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, scales)
+        out = out.reshape(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+    def dequantize(self, start: int = 0, end: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.use_qwen_kernel:
+            return super().dequantize(start, end, dtype)
+        return dequantize_blocks(self.weight[start:end], self.scales[start:end], dtype)
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -327,17 +382,24 @@ def quantize_int8_(model: nn.Module, include_lm_head: bool = True, kernel: Kerne
 LmHead = Literal["int8", "int4", "keep"]
 
 
-def quantize_int4_(model: nn.Module, group_size: int = 128, lm_head: LmHead = "int8") -> nn.Module:
-    """Replace the model's Linear layers by ``Int4Linear`` in place and return the model. A layer whose
-    width ``group_size`` does not divide (only tiny test models) gets the largest group that does.
+def quantize_int4_(model: nn.Module, group_size: int | None = None, lm_head: LmHead = "int8") -> nn.Module:
+    """Replace the model's Linear layers by 4-bit ones in place and return the model.
+
+    ``group_size=None`` (``--int4``): blocks of 32 with a bf16 scale each (``BlockLinear``, Q4_0's format and
+    bytes) where qwen's block kernel runs (a CPU with AVX-512), else asymmetric groups of 128 (``Int4Linear``,
+    GPTQ's layout: AVX2-only CPUs and CUDA). A number asks for ``Int4Linear`` groups of that size; a layer whose
+    width it does not divide (only tiny test models) gets the largest group that does.
 
     The lm_head is the layer 4 bits hurt most and, for the small models, the largest read of a decode
     step (Qwen-1.8B's is 0.6 GB of bf16 against 0.7 GB for all its int4 blocks): ``lm_head="int8"``
-    (the default) stores it per-channel int8, close to lossless at half the bytes; "int4" in groups
-    like the rest; "keep" leaves it as it is (GPTQ's int4 folders keep it in 16 bits)."""
+    (the default) stores it as int8 (``Int8Linear``), close to lossless at half the bytes; "int4" like the
+    rest; "keep" leaves it as it is (GPTQ's int4 folders keep it in 16 bits)."""
 
-    def make(linear: nn.Linear) -> Int4Linear:
-        group = next((g for g in (group_size, 128, 64, 32) if g <= group_size and linear.in_features % g == 0), 32)
+    def make(linear: nn.Linear) -> nn.Module:
+        if group_size is None and linear.weight.device.type == "cpu" and qwen_int8_kernel() is not None:
+            return BlockLinear(linear, bits=4)
+        size = group_size or 128
+        group = next((g for g in (size, 128, 64, 32) if g <= size and linear.in_features % g == 0), 32)
         return Int4Linear.from_linear(linear, group)
 
     if lm_head not in ("int8", "int4", "keep"):
