@@ -55,7 +55,7 @@ from quant import decode_logprobs  # bench/quant.py
 import qwen  # noqa: F401  (registers the Qwen classes with transformers' Auto*)
 from qwen.engine import Engine
 from qwen.export import ExportError, export_gguf
-from qwen.quantization import quantize_int4_, quantize_int8_
+from qwen.quantization import cast_unquantized_, quantize_int4_, quantize_int8_
 from qwen.tiny import make_tiny_checkpoint, original_config, weight_shapes
 from qwen.tokenizer import QWenTokenizer
 
@@ -154,8 +154,9 @@ def our_round(engine: Engine) -> dict[str, float]:
             "prompt 512 tok/s": row["prefill tok/s"]}
 
 
-def load_ours(folder: Path, fmt: str) -> torch.nn.Module:
-    """Our model from the original folder, as a user loads it; int8/int4 as ``--int8``/``--int4`` make them."""
+def load_ours(folder: Path, fmt: str, activations: str = "bf16") -> torch.nn.Module:
+    """Our model from the original folder, as a user loads it; int8/int4 as ``--int8``/``--int4`` make them, and
+    with fp32 activations as ``--dtype float32`` does (the quantized layers from the bf16 weights, the rest cast)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -165,7 +166,7 @@ def load_ours(folder: Path, fmt: str) -> torch.nn.Module:
         quantize_int8_(model)
     elif fmt == "int4":
         quantize_int4_(model)
-    return model
+    return cast_unquantized_(model, torch.float32) if activations == "fp32" else model
 
 
 def make_gguf_files(folder: Path, work: Path, formats: list[str], threads: int) -> dict[str, Path]:
@@ -275,6 +276,9 @@ def main() -> None:
                              "columns need bf16, their reference")
     parser.add_argument("--kl-ctx", type=int, default=256, help="tokens per chunk of the quality measurement")
     parser.add_argument("--kl-tokens", type=int, default=512, help="tokens the quality measurement evaluates")
+    parser.add_argument("--activations", choices=["bf16", "fp32"], default="bf16",
+                        help="our activations' dtype: bf16 (what --dtype auto loads) or fp32 (--dtype float32, as "
+                             "llama.cpp computes; the bf16 row, the quality reference, then runs in fp32 too)")
     args = parser.parse_args()
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not formats or any(f not in FORMATS for f in formats):
@@ -306,10 +310,11 @@ def main() -> None:
         engines, rows = {}, {}
         for fmt in formats:
             t = time.perf_counter()
-            model = load_ours(folder, fmt)
+            model = load_ours(folder, fmt, args.activations)
             engines[fmt] = Engine(model, tokenizer, max_batch_size=8, max_model_len=PREFILL + NEW_TOKENS + 8,
                                   prefix_cache_bytes=0)  # rounds repeat one prompt: measure its prefill
-            rows[fmt] = (Row("llama.cpp", LLAMA_TYPE[fmt]), Row("qwen engine", OUR_LABEL[fmt], nbytes(model) / 1e9))
+            label = OUR_LABEL[fmt] + (", fp32 activations" if args.activations == "fp32" else "")
+            rows[fmt] = (Row("llama.cpp", LLAMA_TYPE[fmt]), Row("qwen engine", label, nbytes(model) / 1e9))
             log(f"loaded ours, {fmt}: {rows[fmt][1].gb:.2f} GB in {time.perf_counter() - t:.1f} s")
 
         system_info = "?"
@@ -351,7 +356,7 @@ def main() -> None:
           f"per sequence after a {PROMPT}-token prompt; prompt: {PREFILL} tokens. GB: bytes of weights (1e9), "
           f"embedding included. Quality: KL divergence from the same side's bf16 and top-1 agreement, over "
           f"{args.kl_tokens} tokens in chunks of {args.kl_ctx} (second halves scored), ours through the decode "
-          f"path.\n")
+          f"path. Activations: llama.cpp fp32; ours {args.activations}.\n")
     print_table([rows[fmt] for fmt in formats])
 
 

@@ -4,9 +4,10 @@
     python bench/quant.py --hidden 1024 --layers 8  # blocks a larger share of the weights (~10 min)
     python bench/quant.py --rows int8,int4          # these rows and fp32, the reference (see --help)
 
-Rows: fp32; bf16; int8 weight-only (round-to-nearest per output channel, every Linear incl. lm_head,
-``quantize_int8_``); int4 weight-only (``quantize_int4_``: groups of 128 on qwen's kernel with the
-lm_head int8 as ``--int4`` does on a CPU, or kept in bf16; groups of 32 on PyTorch's kernel); GPTQ int8
+Rows: fp32; bf16; int8 weight-only (round-to-nearest in blocks of 32 with a bf16 scale each, every Linear incl.
+lm_head, ``quantize_int8_``: Q8_0's format on an AVX-512 CPU); int4 weight-only (``quantize_int4_``: 4-bit
+blocks of 32, Q4_0's format, with the lm_head int8 as ``--int4`` does on an AVX-512 CPU, or kept in bf16;
+asymmetric groups of 128, GPTQ's layout, as on AVX2-only CPUs); GPTQ int8
 and int4 folders written by run_gptq's code (qwen.quantization.gptq_quantizer) and loaded with the
 ``dequant`` backend (bf16 weights), the ``int8`` backend (Int8Linear blocks, lm_head bf16 as stored)
 and, for int4, the ``int4`` backend (Int4Linear blocks). Each row runs in a fresh child process so
@@ -43,11 +44,11 @@ ROWS = {
     # key: (label, folder, dtype, gptq_backend, weight-only quantization afterwards)
     "fp32": ("fp32", "fp32", "float32", None, None),
     "bf16": ("bf16", "bf16", "bfloat16", None, None),
-    "int8": ("int8 weight-only (RTN: `--int8`)", "bf16", "bfloat16", None, "int8"),
-    "int4": ("int4 weight-only (RTN, groups of 128, int8 lm_head: `--int4`)", "bf16", "bfloat16", None, "int4"),
-    "int4-keep": ("int4 weight-only (RTN, groups of 128, bf16 lm_head)", "bf16", "bfloat16", None, "int4-keep"),
-    "int4-g32": ("int4 weight-only (RTN, groups of 32, int8 lm_head; PyTorch's kernel)", "bf16", "bfloat16", None,
-                 "int4-g32"),
+    "int8": ("int8 weight-only (RTN, blocks of 32: `--int8`)", "bf16", "bfloat16", None, "int8"),
+    "int4": ("int4 weight-only (RTN, blocks of 32, int8 lm_head: `--int4`)", "bf16", "bfloat16", None, "int4"),
+    "int4-keep": ("int4 weight-only (RTN, blocks of 32, bf16 lm_head)", "bf16", "bfloat16", None, "int4-keep"),
+    "int4-g128": ("int4 weight-only (RTN, asymmetric groups of 128, int8 lm_head: AVX2 CPUs)", "bf16", "bfloat16",
+                  None, "int4-g128"),
     "gptq8": ("GPTQ int8, dequant", "gptq8", "bfloat16", "dequant", None),
     "gptq8-int8": ("GPTQ int8, int8 backend", "gptq8", "bfloat16", "int8", None),
     "gptq4": ("GPTQ int4, dequant", "gptq4", "bfloat16", "dequant", None),
@@ -97,7 +98,7 @@ def load(work: Path, name: str):
         "int8": quantize_int8_,
         "int4": quantize_int4_,
         "int4-keep": lambda m: quantize_int4_(m, lm_head="keep"),
-        "int4-g32": lambda m: quantize_int4_(m, group_size=32),
+        "int4-g128": lambda m: quantize_int4_(m, group_size=128),
         None: lambda m: m,
     }[after](model)
 

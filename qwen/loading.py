@@ -67,12 +67,15 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["auto", "bfloat16", "float16", "float32"], default="auto",
                         help="weights dtype (auto: the checkpoint's bf16/fp16/fp32 flag; else bf16 on a GPU and with "
                              "--int8/--int4; on a CPU the stored dtype for fp32 weights, else bf16 on CPUs with "
-                             "AVX-512 BF16 or AMX, fp32 on others)")
+                             "AVX-512 BF16 or AMX, fp32 on others). With --int8/--int4 on a CPU it is the activations' "
+                             "dtype: float32 quantizes the stored weights, then runs the rest in fp32 (llama.cpp's "
+                             "precision: see docs/quantization.md)")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--int8", action="store_true", help="int8 weight-only Linear layers (faster on CPU)")
     quant.add_argument("--int4", action="store_true",
-                       help="4-bit weight-only Linear layers, groups of 128 (the fastest decoding, CPU or GPU); a GPTQ "
-                            "int4 folder keeps its own 4-bit weights")
+                       help="4-bit weight-only Linear layers (the fastest decoding, CPU or GPU): blocks of 32 as "
+                            "llama.cpp's Q4_0 on AVX-512 CPUs, else groups of 128; a GPTQ int4 folder keeps its own "
+                            "4-bit weights")
     parser.add_argument("--int4-lm-head", choices=["auto", "int8", "int4", "keep"], default="auto",
                         help="with --int4, the lm_head's form: int8 is close to lossless at half of bf16's bytes, keep "
                              "leaves it 16-bit (auto: int8 on the CPU, keep on a GPU)")
@@ -166,7 +169,7 @@ def load_model(path: str | Path, args: argparse.Namespace):
 
     from qwen import register_auto_classes
     from qwen.config import window_schedule
-    from qwen.quantization import find_gptq_config, quantize_int4_, quantize_int8_
+    from qwen.quantization import cast_unquantized_, find_gptq_config, quantize_int4_, quantize_int8_
 
     path = checkpoint_folder(path)
     register_auto_classes()  # a front end that deferred `import qwen`'s imports (see qwen/__init__.py)
@@ -188,6 +191,9 @@ def load_model(path: str | Path, args: argparse.Namespace):
     gptq = find_gptq_config(path) is not None
     if args.int4 and gptq:
         overrides["gptq_backend"] = "int4"
+    # fp32 activations for quantized layers on a CPU: quantize the stored 16-bit weights, never an fp32 copy of them
+    stored = stored_dtype(path) if device_map == "cpu" and (args.int8 or args.int4) and not gptq else None
+    compute, dtype = dtype, stored if dtype == torch.float32 and stored in (torch.bfloat16, torch.float16) else dtype
     model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, dtype=dtype, **overrides).eval()
     if model.device.type == "cuda" and not (args.int4 and gptq):
         model.fuse_weights_()  # one matmul for w1 and w2: 5% less GPU time per decode step on an H200
@@ -196,4 +202,6 @@ def load_model(path: str | Path, args: argparse.Namespace):
     if args.int4:  # a GPTQ folder's blocks are int4 already: only its lm_head changes
         auto = "int8" if model.device.type == "cpu" else "keep"
         quantize_int4_(model, lm_head=auto if args.int4_lm_head == "auto" else args.int4_lm_head)
+    if compute != dtype:
+        cast_unquantized_(model, compute)
     return model, tokenizer

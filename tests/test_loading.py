@@ -73,6 +73,38 @@ def test_model_flags_reach_the_model(tiny_chat):
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
 
 
+@pytest.mark.parametrize("flag", ["--int8", "--int4"])
+def test_quantized_with_fp32_activations_quantizes_the_stored_weights(tmp_path, flag, monkeypatch):
+    """--int8/--int4 --dtype float32 on a bf16 folder: the quantized layers are those a bf16 load makes (from the
+    stored weights, never through an fp32 model: the loader is asked for bf16), everything else computes in fp32,
+    and the model decodes."""
+    import transformers
+
+    from qwen.quantization import BlockLinear, Int4Linear
+    from qwen.tiny import make_tiny_checkpoint
+
+    folder = make_tiny_checkpoint(tmp_path / "bf16", dtype=torch.bfloat16)
+    asked = []
+    load_for_real = transformers.AutoModelForCausalLM.from_pretrained
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: asked.append(k["dtype"]) or load_for_real(*a, **k))
+    fp32 = load(folder, flag, "--dtype", "float32")[0]
+    bf16 = load(folder, flag, "--dtype", "bfloat16")[0]
+    assert asked == [torch.bfloat16, torch.bfloat16]
+    assert fp32.transformer.wte.weight.dtype == fp32.transformer.ln_f.weight.dtype == torch.float32
+    quantized = [(a, b) for a, b in zip(fp32.modules(), bf16.modules(), strict=True)
+                 if isinstance(a, (BlockLinear, Int4Linear))]
+    assert len(quantized) == 5 * fp32.config.num_hidden_layers + 1
+    for a, b in quantized:
+        assert all(torch.equal(x, y) for x, y in zip(a.buffers(), b.buffers(), strict=True))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        logits = fp32(ids).logits
+    assert logits.dtype == torch.float32 and torch.isfinite(logits).all()
+    out = fp32.generate(ids, max_new_tokens=4, do_sample=False, eos_token_id=None)
+    assert out.shape == (1, 7)
+
+
 @pytest.mark.parametrize("value", ["0", "-2", "two"])
 def test_bad_thread_count_is_a_usage_error(value, capsys):
     with pytest.raises(SystemExit) as info:

@@ -26,8 +26,10 @@ from .gptq_format import (
 )
 from .gptq_load import BACKENDS, gptqmodel_available, load_gptq, load_if_gptq
 from .layers import (
+    BlockLinear,
     Int4Linear,
     Int8Linear,
+    cast_unquantized_,
     dequantize_blocks,
     dequantize_groups,
     quantize_blocks,
@@ -37,7 +39,8 @@ from .layers import (
 )
 
 __all__ = [
-    "BACKENDS", "SUPPORTED_BITS", "GPTQError", "GPTQSettings", "Int4Linear", "Int8Linear", "dequantize",
+    "BACKENDS", "SUPPORTED_BITS", "BlockLinear", "GPTQError", "GPTQSettings", "Int4Linear", "Int8Linear",
+    "cast_unquantized_", "dequantize",
     "dequantize_blocks", "dequantize_groups", "dequantize_layer", "find_gptq_config", "gptqmodel_available",
     "load_gptq", "load_if_gptq", "pack", "pack_layer", "quantize_blocks", "quantize_groups", "quantize_int4_",
     "quantize_int8_", "unpack",

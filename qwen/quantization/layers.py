@@ -1,23 +1,20 @@
 """Weight-only int8 and int4 quantization of Linear layers (``--int8`` / ``--int4``).
 
-Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth:
-int8 weights move half the bytes of bf16. Each output channel gets one scale (symmetric,
-round-to-nearest). In a decode step (one token per sequence, see ``one_token_each``) the layer multiplies
-the int8 weight directly: on the CPU with qwen's own AVX-512 kernel (``qwen/csrc/int8_matvec.cpp``, compiled
-once per machine on first use) or, where that cannot be built, PyTorch's ``_weight_int8pack_mm``; on CUDA
-with qwen's Triton kernel (``qwen/quantization/triton_int8.py``, up to 16 rows). For a prompt's tokens it
-dequantizes on the fly and runs one matmul. On CPUs with AVX-512 VNNI qwen's kernel also quantizes the
-activations to int8 (one scale per 128 input channels, so an outlier channel coarsens only its block;
-under about 1.5% of the largest output on random data) and multiplies with integer dot products: a
-Qwen-1.8B-shape decode at batch 8 ran 1.65-2.06x bf16's speed on a 2-core Xeon (0.7-0.9x before).
-``QWEN_INT8_VNNI=0`` keeps the exact fp32 product.
+Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth: int8 weights move
+half the bytes of bf16, 4-bit ones a quarter. In a decode step (one token per sequence, see ``one_token_each``) a
+layer multiplies its quantized weight directly; for a prompt's tokens it dequantizes a few MiB at a time and runs
+one matmul.
 
-int4 (``Int4Linear``) keeps group-wise 4-bit weights (a scale and a zero point per group of input
-channels, as GPTQ's layout). On the CPU, for groups of 128 or 256, qwen's own kernel
-(``qwen/csrc/int4_matvec.cpp``) decodes with integer dot products on int8-quantized activations
-(AVX-512 VNNI or AVX2), and a prefill dequantizes each weight for one matmul; other groups run
-PyTorch's ``_weight_int4pack_mm_for_cpu``. On CUDA the tinygemm kernel (``_weight_int4pack_mm``, bf16
-activations).
+* ``BlockLinear``: blocks of 32 input channels with one bf16 scale each, 8 bits (llama.cpp's Q8_0) or 4 bits
+  (Q4_0), on qwen's AVX-512 block kernel (``qwen/csrc/block_matvec.cpp``, compiled once per machine on first use),
+  which quantizes the activations to int8 in the same blocks and, on CPUs with AVX-512 VNNI, multiplies with
+  integer dot products (``QWEN_INT8_VNNI=0`` keeps them exact in fp32): the precision of llama.cpp's dot products.
+* ``Int8Linear``: a ``BlockLinear`` of 8 bits where that kernel runs; elsewhere one scale per output channel, for
+  PyTorch's ``_weight_int8pack_mm`` on the CPU or qwen's Triton kernel on CUDA (``triton_int8.py``, up to 16 rows).
+* ``Int4Linear``: asymmetric groups (a scale and a zero point per group of input channels, GPTQ's layout): GPTQ
+  int4 folders, and ``--int4`` where the block kernel cannot run. On the CPU, for groups of 128 or 256, qwen's
+  ``qwen/csrc/int4_matvec.cpp`` (int8 activations, AVX-512 VNNI or AVX2); other groups PyTorch's
+  ``_weight_int4pack_mm_for_cpu``; on CUDA the tinygemm kernel (``_weight_int4pack_mm``, bf16 activations).
 """
 
 from __future__ import annotations
@@ -371,6 +368,25 @@ def _replace_linears(model: nn.Module, make, include_lm_head: bool) -> nn.Module
     ]
     for parent, name in targets:
         setattr(parent, name, make(getattr(parent, name)))
+    return model
+
+
+def cast_unquantized_(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Cast the model's floating-point parameters and buffers to ``dtype``, but those of its quantized layers (their
+    scales stay in the form their kernels read, their biases are added in the activations' dtype): a model quantized
+    from 16-bit weights then computes in fp32 (``--int8 --dtype float32``) without an fp32 copy of the weights.
+    Returns the model."""
+    for module in model.modules():
+        if isinstance(module, (BlockLinear, Int4Linear)):
+            continue
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point():
+                if isinstance(tensor, nn.Parameter):
+                    tensor.data = tensor.data.to(dtype)
+                else:
+                    module._buffers[name] = tensor.to(dtype)
+    if hasattr(model, "config"):
+        model.config.dtype = dtype
     return model
 
 
