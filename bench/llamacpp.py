@@ -261,7 +261,7 @@ def print_table(rows: list[tuple[Row, Row]]) -> None:
                        f"{100 * (ours.quality[QUALITY[1]] - theirs.quality[QUALITY[1]]):+.1f} points"]
         else:
             ratios += ["", ""]
-        cells = ["**ours / llama.cpp**", f"{ours.format.split(' ')[0]} / {theirs.format}", *ratios]
+        cells = ["**ours / llama.cpp**", f"{ours.format.split(' ')[0].rstrip(',')} / {theirs.format}", *ratios]
         print("| " + " | ".join(cells) + " |")
 
 
