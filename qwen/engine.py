@@ -193,7 +193,11 @@ class Engine:
         self._decode_logits = self._decode_step
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._decode_logits = torch.compile(self._decode_step, mode=mode, fullgraph=True)
+            # isolate_recompiles: each engine's graphs in a cache of their own. Dynamo keys its cache by code
+            # object, which every engine's decode step shares, so the graphs of earlier engines in the process
+            # counted against its limit of 8, and a later engine failed (fullgraph) once they added up: the test
+            # suite hit it.
+            self._decode_logits = torch.compile(self._decode_step, mode=mode, fullgraph=True, isolate_recompiles=True)
 
     def warm_up(self) -> None:
         """Compile the decode step now rather than in the first requests: short runs at batch 1

@@ -30,6 +30,20 @@ def test_kernel_equals_float64_reference(rows, n, k):
     assert ((got.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-3 * k**0.5).all()
 
 
+def test_a_rows_output_does_not_depend_on_the_rows_beside_it():
+    """Each activation row gets the same arithmetic however many rows come with it (passes of up to 8 rows over
+    whole weight rows), so a decode step the kernel serves gives a sequence the same output to the bit alone and
+    in a batch. (Past BF16_KERNEL_MAX_ROWS rows Bf16Linear takes PyTorch's matmul, whose rounding differs: the
+    kernel is compute-bound there, 0.4-0.9x oneDNN's AMX matmul at 8-16 rows.)"""
+    op = qwen_bf16_kernel()
+    g = torch.Generator().manual_seed(11)
+    x, w = torch.randn(20, 5504, generator=g).bfloat16(), torch.randn(48, 5504, generator=g).bfloat16()
+    full = op(x, w)
+    for rows in (1, 3, 8, 16, 17):
+        assert torch.equal(op(x[:rows], w), full[:rows])
+    assert all(torch.equal(op(x[i : i + 1], w)[0], full[i]) for i in range(20))
+
+
 def test_the_bias_is_added_before_the_one_rounding_and_a_strided_weight_is_refused():
     op = qwen_bf16_kernel()
     g = torch.Generator().manual_seed(3)

@@ -205,6 +205,19 @@ def test_rows_are_computed_independently(kernel, path):
     assert_matches_reference(got, x, w, scales, path)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_a_rows_output_does_not_depend_on_how_many_rows_come_with_it(kernel, path, bits):
+    """At a real width (5504 channels: 11 groups, swept in parts) a row's output is the same to the bit alone and
+    in passes of any size, so a decode step's output for a sequence does not depend on its batch."""
+    g = torch.Generator().manual_seed(12)
+    x, w = torch.randn(20, 5504, generator=g), random_weights(40, 5504, bits, g)
+    scales = torch.rand(40, 172, generator=g)
+    full = kernel(x, w, scales)
+    for rows in (1, 3, 8, 9, 17):
+        assert torch.equal(kernel(x[:rows], w, scales), full[:rows])
+    assert all(torch.equal(kernel(x[i : i + 1], w, scales)[0], full[i]) for i in range(20))
+
+
 def test_a_non_finite_activation_gives_non_finite_outputs(kernel, path):
     g = torch.Generator().manual_seed(5)
     x = torch.randn(3, 300, generator=g)

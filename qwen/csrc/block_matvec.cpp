@@ -306,15 +306,16 @@ QWEN_VNNI inline void dot_all_rows_vnni(const Quantized& x, int64_t m0, const Ro
 // Weight rows [n0, n1) against every quantized row (a function of its own: lambdas do not take the target).
 // Every weight row re-reads all the quantized rows, which is fast while they stay in the L1 cache (48 KiB on
 // these Xeons): 8 rows of 5504 channels are 56 KiB, and were 1.3x slower per weight byte than 8 rows of
-// 2048. So the rows are swept a part of their groups at a time, each part's activations fitting kL1Budget.
+// 2048. So the rows are swept kPartGroups groups at a time (8 rows of them: 30 KiB). The parts are fixed by
+// the width alone, never by the number of rows: a row's sums then add up in the same order whoever else is
+// in the batch, and its output is the same to the bit.
 template <int BITS>
 QWEN_VNNI void out_columns_vnni(const Quantized& x, const Row& first, int64_t N, int64_t n0, int64_t n1, float* out) {
-  constexpr int64_t kL1Budget = 32 << 10, kBytesPerGroup = kGroupChannels + 2 * 4 * kGroup;  // q, a and start
+  constexpr int64_t kPartGroups = 6;
   const int64_t groups = (first.blocks + kGroup - 1) / kGroup;
-  const int64_t part = std::max<int64_t>(1, kL1Budget / (std::min<int64_t>(x.M, kMaxRows) * kBytesPerGroup));
-  for (int64_t g0 = 0; g0 < groups; g0 += part) {
+  for (int64_t g0 = 0; g0 < groups; g0 += kPartGroups) {
     for (int64_t n = n0; n < n1; ++n) {
-      dot_all_rows_vnni<BITS>(x, 0, first.at(n), g0, std::min(groups, g0 + part), out + n, N);
+      dot_all_rows_vnni<BITS>(x, 0, first.at(n), g0, std::min(groups, g0 + kPartGroups), out + n, N);
     }
   }
 }
