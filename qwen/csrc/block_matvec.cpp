@@ -129,10 +129,25 @@ inline __m512 widen(const Row& row, const uint8_t* values) {
                                           : _mm512_sub_epi32(_mm512_cvtepu8_epi32(b), _mm512_set1_epi32(8)));
 }
 
-// Quarter i of a vector (16 bytes) holds blocks 4i ... 4i + 3, 4 channels each: their scales, lane by lane.
-inline void quarter_scales(const __m512 ws, __m512 (&scale)[4]) {
+// Calls use(g, j, i, weights) for every 16 weights of the row, times their scales in fp32: quarter i (blocks
+// 4i ... 4i + 3, 4 channels each) of vector j of group g. The float path and the dequantizing both walk this.
+template <typename Use>
+inline void each_scaled_quarter(const Row& row, Use&& use) {
   const __m512i index = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-  for (int i = 0; i < 4; ++i) scale[i] = _mm512_permutexvar_ps(_mm512_add_epi32(index, _mm512_set1_epi32(4 * i)), ws);
+  const int64_t groups = (row.blocks + kGroup - 1) / kGroup;
+  for (int64_t g = 0; g < groups; ++g) {
+    prefetch_ahead(row, g);
+    alignas(64) uint8_t values[8][64];
+    group_values(row, g, values);
+    const __m512 ws = group_scales(row, g);
+    __m512 scale[4];  // quarter i's blocks' scales, lane by lane
+    for (int i = 0; i < 4; ++i) scale[i] = _mm512_permutexvar_ps(_mm512_add_epi32(index, _mm512_set1_epi32(4 * i)), ws);
+    for (int j = 0; j < 8; ++j) {
+      for (int i = 0; 4 * i < row.group_blocks(g); ++i) {
+        use(g, j, i, _mm512_mul_ps(widen(row, values[j] + 16 * i), scale[i]));
+      }
+    }
+  }
 }
 
 // Activation rows in the packed order, fp32, zero where a group is short: x [M, groups * 512].
@@ -141,21 +156,10 @@ template <int ROWS>
 inline void dot_rows(const float* x, int64_t ldx, const Row& row, float* out, int64_t ldo) {
   __m512 acc[ROWS];
   for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_setzero_ps();
-  const int64_t groups = (row.blocks + kGroup - 1) / kGroup;
-  for (int64_t g = 0; g < groups; ++g) {
-    prefetch_ahead(row, g);
-    alignas(64) uint8_t values[8][64];
-    group_values(row, g, values);
-    __m512 scale[4];
-    quarter_scales(group_scales(row, g), scale);
-    for (int j = 0; j < 8; ++j) {
-      for (int i = 0; 4 * i < row.group_blocks(g); ++i) {
-        const __m512 wf = _mm512_mul_ps(widen(row, values[j] + 16 * i), scale[i]);
-        const float* xj = x + g * kGroupChannels + 64 * j + 16 * i;
-        for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xj + m * ldx), wf, acc[m]);
-      }
-    }
-  }
+  each_scaled_quarter(row, [&](int64_t g, int j, int i, __m512 wf) {
+    const float* xj = x + g * kGroupChannels + 64 * j + 16 * i;
+    for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xj + m * ldx), wf, acc[m]);
+  });
   for (int m = 0; m < ROWS; ++m) out[m * ldo] = _mm512_reduce_add_ps(acc[m]);
 }
 
@@ -171,34 +175,25 @@ inline void dot_all_rows(const float* x, int64_t ldx, int64_t M, const Row& row,
 inline __m256i to_bf16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16));
+  const __m512i rounded = _mm512_add_epi32(bits, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
+  return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rounded, 16));
 }
 
 // One weight row times its scales into out[0 : blocks * 32] (float, or bf16 bits as uint16_t), in the packed
 // channel order of an int8 row: vector j of group g at g * 512 + 4 G j.
 template <typename T>
 void dequantize_row(const Row& row, T* out) {
-  const int64_t groups = (row.blocks + kGroup - 1) / kGroup;
-  for (int64_t g = 0; g < groups; ++g) {
+  each_scaled_quarter(row, [&](int64_t g, int j, int i, __m512 wf) {
     const int64_t n = row.group_blocks(g);
-    alignas(64) uint8_t values[8][64];
-    group_values(row, g, values);
-    __m512 scale[4];
-    quarter_scales(group_scales(row, g), scale);
-    for (int j = 0; j < 8; ++j) {
-      T* o = out + g * kGroupChannels + 4 * n * j;
-      for (int i = 0; 4 * i < n; ++i) {
-        const __m512 wf = _mm512_mul_ps(widen(row, values[j] + 16 * i), scale[i]);
-        alignas(64) T part[16];
-        if constexpr (std::is_same_v<T, float>) {
-          _mm512_store_ps(part, wf);
-        } else {
-          _mm256_store_si256(reinterpret_cast<__m256i*>(part), to_bf16(wf));
-        }
-        std::memcpy(o + 16 * i, part, std::min<int64_t>(16, 4 * n - 16 * i) * sizeof(T));  // a short group's end
-      }
+    alignas(64) T part[16];
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_store_ps(part, wf);
+    } else {
+      _mm256_store_si256(reinterpret_cast<__m256i*>(part), to_bf16(wf));
     }
-  }
+    const int64_t count = std::min<int64_t>(16, 4 * n - 16 * i);  // a short group's last quarter
+    std::memcpy(out + g * kGroupChannels + 4 * n * j + 16 * i, part, count * sizeof(T));
+  });
 }
 
 // ----- integer path (AVX-512 VNNI) ---------------------------------------------------------------------
@@ -348,7 +343,8 @@ at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tens
   TORCH_CHECK(x.dim() == 2, "block_matmul: x [M, K]");
   const Row first = first_row(w, scales, "block_matmul");
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0), blocks = first.blocks;
-  TORCH_CHECK((K + kBlock - 1) / kBlock == blocks, "block_matmul: shapes do not match (scales must be [N, ceil(K / 32)])");
+  TORCH_CHECK((K + kBlock - 1) / kBlock == blocks,
+              "block_matmul: shapes do not match (scales must be [N, ceil(K / 32)])");
   const int64_t groups = (blocks + kGroup - 1) / kGroup;
   const at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor out = at::empty({M, N}, xf.options());

@@ -158,13 +158,17 @@ class BlockLinear(nn.Module):
     ``quantize_blocks``): 8 bits (Q8_0's precision) or 4 bits (Q4_0's), run by qwen's CPU block kernel
     (``torch.ops.qwen.block_matmul``, AVX-512; ``qwen_int8_kernel()`` must have built it). Decode steps
     (``one_token_each``) multiply the packed weight; a prompt's tokens put their activations in the packed
-    channel order and multiply the weight dequantized as it is stored, a few MiB at a time."""
+    channel order and multiply the weight dequantized as it is stored, a few MiB at a time.
 
-    def __init__(self, linear: nn.Linear, bits: int = 8) -> None:
+    ``packed=False`` (8 bits only) keeps one scale per output channel in channel order instead, for the kernels
+    other than qwen's (``Int8Linear``'s fallbacks, which also run the layer)."""
+
+    def __init__(self, linear: nn.Linear, bits: int = 8, packed: bool = True) -> None:
         super().__init__()
         self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, bits
-        self.use_qwen_kernel = True
-        weight, scales = quantize_blocks(linear.weight.detach(), BLOCK, bits, packed=True)
+        self.use_qwen_kernel = packed
+        block_size = BLOCK if packed else self.in_features
+        weight, scales = quantize_blocks(linear.weight.detach(), block_size, bits, packed=packed)
         self.register_buffer("weight", weight)
         self.register_buffer("scales", scales)
         self.bias = linear.bias
@@ -182,7 +186,8 @@ class BlockLinear(nn.Module):
 
     def dequantize(self, start: int = 0, end: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Output rows ``start:end`` of the float weight [rows, in] in channel order, in ``dtype``."""
-        q = unpack_blocks(self.weight[start:end], self.in_features, self.bits)
+        q = self.weight[start:end]
+        q = unpack_blocks(q, self.in_features, self.bits) if self.use_qwen_kernel else q
         return dequantize_blocks(q, self.scales[start:end], dtype)
 
 
@@ -191,8 +196,8 @@ class Int8Linear(BlockLinear):
 
     ``kernel`` picks the CPU int8 kernel for decode steps: "qwen" (needs AVX-512 and a compiler), "torch"
     (PyTorch's), or "auto" (qwen's where it can be built). qwen's kernel takes a scale per 32 input channels
-    (a ``BlockLinear``, Q8_0's precision); PyTorch's CPU kernel and the CUDA kernel one per output channel, so
-    a layer is quantized for the kernel that runs it."""
+    (a packed ``BlockLinear``, Q8_0's precision); PyTorch's CPU kernel and the CUDA kernel one per output
+    channel, so a layer is quantized for the kernel that runs it."""
 
     def __init__(self, linear: nn.Linear, kernel: Kernel = "auto") -> None:
         # The CPU kernel is built only for layers made on the CPU (a CUDA layer never runs it).
@@ -203,16 +208,7 @@ class Int8Linear(BlockLinear):
                 "kernel='qwen' needs an AVX-512 CPU and a C++ toolchain to build qwen's int8 kernel "
                 "(see the warning above); use kernel='auto' to fall back to PyTorch's"
             )
-        if use_qwen_kernel:
-            super().__init__(linear, bits=8)
-            return
-        nn.Module.__init__(self)
-        self.in_features, self.out_features, self.bits = linear.in_features, linear.out_features, 8
-        self.use_qwen_kernel = False
-        weight, scales = quantize_blocks(linear.weight.detach(), self.in_features)  # one scale per row
-        self.register_buffer("weight", weight)
-        self.register_buffer("scales", scales)
-        self.bias = linear.bias
+        super().__init__(linear, bits=8, packed=use_qwen_kernel)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.use_qwen_kernel:
@@ -227,11 +223,6 @@ class Int8Linear(BlockLinear):
             out = torch._weight_int8pack_mm(flat.contiguous(), self.weight, scales)
         out = out.reshape(*x.shape[:-1], self.out_features)
         return out + self.bias if self.bias is not None else out
-
-    def dequantize(self, start: int = 0, end: int | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        if self.use_qwen_kernel:
-            return super().dequantize(start, end, dtype)
-        return dequantize_blocks(self.weight[start:end], self.scales[start:end], dtype)
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
