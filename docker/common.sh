@@ -4,10 +4,10 @@
 # (sourced, not run). Before sourcing, a script sets KIND (api, web, cli or finetune), NAME (default
 # container name) and the function usage; then it calls parse_args "$@" and the checks it needs.
 # After parse_args:
-#   IMAGE CHECKPOINT DEMO PORT LISTEN CONTAINER API_KEYS INT8 CPU_ONLY GPUS PULL
+#   IMAGE CHECKPOINT DEMO PORT LISTEN CONTAINER API_KEYS INT8 CPU_ONLY GPUS PULL LORAS
 #   DATA OUTPUT SCRIPT BACKGROUND (finetune)   APP_ARGS (after --: to the program in the container)
 # Everything else it defines: die, require_docker, ensure_image, gpu_args, checkpoint_args,
-# user_args, check_port, check_name, start_failed.
+# lora_args, user_args, check_port, check_name, start_failed.
 
 KIND=${KIND:?set KIND before sourcing common.sh}
 NAME=${NAME:?set NAME before sourcing common.sh}
@@ -27,6 +27,7 @@ DATA=""
 OUTPUT=""
 SCRIPT=""
 BACKGROUND=0
+LORAS=()  # --lora values: NAME=DIR (api) or DIR (web, cli)
 APP_ARGS=()
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -48,6 +49,7 @@ parse_args() {
             --listen) _only api web; _value "$@"; LISTEN=$2; shift 2 ;;
             --api-keys) _only api; _value "$@"; API_KEYS=$2; shift 2 ;;
             --int8) _only api web cli; INT8=1; shift ;;
+            --lora) _only api web cli; _value "$@"; LORAS+=("$2"); shift 2 ;;
             -d | --data) _only finetune; _value "$@"; DATA=$2; shift 2 ;;
             -o | --output) _only finetune; _value "$@"; OUTPUT=$2; shift 2 ;;
             --script) _only finetune; _value "$@"; SCRIPT=$2; shift 2 ;;
@@ -133,6 +135,33 @@ make the checkpoint readable by all (chmod -R a+rX $path), or run this script as
                      -e "QWEN_CHECKPOINT=/models/$MODEL_NAME")
 }
 
+# LORA_ARGS: each LoRA adapter folder mounted read-only under /adapters/NAME, and the program's --lora flag for it:
+# NAME=/adapters/NAME for the API server (requests pick it with model NAME), the folder alone for the chat apps.
+lora_args() {
+    LORA_ARGS=()
+    LORA_FLAGS=()
+    [[ $KIND == api || ${#LORAS[@]} -le 1 ]] || die "the chat apps take one --lora (the API server serves several)"
+    local spec name dir path
+    for spec in "${LORAS[@]}"; do
+        if [[ $KIND == api && $spec == *=* ]]; then
+            name=${spec%%=*} dir=${spec#*=}
+        else
+            name="" dir=$spec
+        fi
+        [[ -d $dir ]] || die "LoRA adapter folder $dir does not exist"
+        [[ -f $dir/adapter_config.json ]] || die "$dir has no adapter_config.json: not a LoRA adapter folder"
+        path=$(cd "$dir" && pwd -P)
+        name=${name:-$(basename "$path")}
+        [[ $name =~ ^[A-Za-z0-9._-]+$ ]] || die "LoRA adapter name '$name' may hold only letters, digits, '.', '_' and '-'"
+        LORA_ARGS+=(--mount "type=bind,source=$path,target=/adapters/$name,readonly")
+        if [[ $KIND == api ]]; then
+            LORA_FLAGS+=(--lora "$name=/adapters/$name")
+        else
+            LORA_FLAGS+=(--lora "/adapters/$name")
+        fi
+    done
+}
+
 # USER_ARGS: run as the caller's uid and gid, so that the container reads what the caller can read
 # and writes files the caller owns; HOME in /tmp, as that uid has no home in the image (torch and
 # DeepSpeed cache compiled code there). A root caller keeps the image's non-root user.
@@ -184,6 +213,7 @@ prepare() {
     parse_args "$@"
     require_docker
     checkpoint_args
+    lora_args
     check_name
     [[ $want_port == port ]] && check_port
     ensure_image
@@ -193,6 +223,7 @@ prepare() {
     [[ $DEMO -eq 1 ]] && CMD+=(--demo)
     [[ $INT8 -eq 1 ]] && CMD+=(--int8)
     [[ $CPU_ONLY -eq 1 ]] && CMD+=(--cpu-only)
+    CMD+=("${LORA_FLAGS[@]}")
     return 0
 }
 
@@ -201,7 +232,8 @@ prepare() {
 run_server() {
     local out
     if ! out=$("$DOCKER" run -d --name "$CONTAINER" --restart unless-stopped -p "$LISTEN:$PORT:8000" "$@" \
-            "${USER_ARGS[@]}" "${GPU_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$IMAGE" "${CMD[@]}" "${APP_ARGS[@]}" 2>&1); then
+            "${USER_ARGS[@]}" "${GPU_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LORA_ARGS[@]}" "$IMAGE" "${CMD[@]}" \
+            "${APP_ARGS[@]}" 2>&1); then
         if [[ $out == *"already allocated"* || $out == *"address already in use"* ]]; then
             "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
             die "port $PORT is taken: choose another with --port"

@@ -16,6 +16,7 @@ Chat with the model in this terminal (cli_demo.py); the container is removed aft
   -c, --checkpoint DIR  original Qwen v1 checkpoint folder, mounted read-only
   --demo                a tiny random model made inside the container (no checkpoint; random replies)
   --int8                int8 weight-only Linear layers (faster on CPU)
+  --lora DIR            chat with a LoRA adapter folder (finetune output) on the checkpoint, unmerged
   --cpu-only            no GPU, even if one is present
   --gpus SPEC           GPUs for docker run --gpus (default: all, when Docker has the NVIDIA runtime)
   -n, --name NAME       container name (default: qwen-cli)
@@ -37,4 +38,4 @@ TTY=(-i)
 echo "Starting the terminal chat (model: $MODEL_NAME) in container $CONTAINER; :exit or Ctrl-D ends it." >&2
 echo "From another terminal: docker logs $CONTAINER, or stop it: docker rm -f $CONTAINER" >&2
 exec "$DOCKER" run --rm "${TTY[@]}" --name "$CONTAINER" --no-healthcheck -e PROMPT_TOOLKIT_NO_CPR=1 \
-    "${USER_ARGS[@]}" "${GPU_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "$IMAGE" "${CMD[@]}" "${APP_ARGS[@]}"
+    "${USER_ARGS[@]}" "${GPU_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LORA_ARGS[@]}" "$IMAGE" "${CMD[@]}" "${APP_ARGS[@]}"

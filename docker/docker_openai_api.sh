@@ -20,6 +20,8 @@ Start the OpenAI-compatible API server (openai_api.py) in a background container
   --listen ADDR         host address to publish on (default: 127.0.0.1; 0.0.0.0 for the network)
   --api-keys KEYS       comma-separated Bearer keys clients must send (passed in the environment)
   --int8                int8 weight-only Linear layers (faster on CPU)
+  --lora NAME=DIR       serve a LoRA adapter folder (finetune output), mounted read-only, unmerged: requests
+                        with model NAME use it (repeat for more; DIR alone names it after its folder)
   --cpu-only            no GPU, even if one is present
   --gpus SPEC           GPUs for docker run --gpus (default: all, when Docker has the NVIDIA runtime)
   -n, --name NAME       container name (default: qwen-api)

@@ -19,6 +19,7 @@ Start the web demo (web_demo.py, gradio) in a background container.
   --port PORT           host port (default: 7860)
   --listen ADDR         host address to publish on (default: 127.0.0.1; 0.0.0.0 for the network)
   --int8                int8 weight-only Linear layers (faster on CPU)
+  --lora DIR            chat with a LoRA adapter folder (finetune output) on the checkpoint, unmerged
   --cpu-only            no GPU, even if one is present
   --gpus SPEC           GPUs for docker run --gpus (default: all, when Docker has the NVIDIA runtime)
   -n, --name NAME       container name (default: qwen-web)

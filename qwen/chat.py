@@ -18,6 +18,8 @@ import torch
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from .lora import active_groups, use_lora
+
 DEFAULT_SYSTEM = "You are a helpful assistant."
 History = list[tuple[str, str]]
 
@@ -334,10 +336,11 @@ def chat_stream(
         [StopWordsCriteria(tokenizer, inputs["input_ids"].shape[1], stop_ids, stop_texts, cancel)]
     )
     errors: list[BaseException] = []
+    adapters = active_groups()  # the caller's use_lora, for generate()'s thread
 
     def run() -> None:
         try:
-            with torch.no_grad():
+            with torch.no_grad(), use_lora(adapters):
                 model.generate(
                     **inputs, generation_config=config, stopping_criteria=criteria, streamer=streamer, **kwargs
                 )

@@ -51,6 +51,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .chat import cut_text, stable_text
 from .kv_cache import SlotKVCache
+from .lora import LoraAdapter, row_groups, use_lora
 from .modeling import QWenLMHeadModel, ntk_alpha
 from .prefix_cache import PREFILL_CHUNK, PREFIX_CACHE_BYTES, PrefixCache
 from .sampling import SamplingParams, TokenStats, device_tensor, select_tokens
@@ -101,6 +102,7 @@ class Sequence:
     slot: int = -1
     generator: torch.Generator | None = None
     matcher: LLMatcher | None = None  # the state of params.grammar
+    adapter: LoraAdapter | None = None  # the LoRA adapter it runs with (qwen.lora), None: the base model
     first_token_time: float | None = None
     inflight: int = 0  # tokens computed on the device that the host has not read yet (0 or 1)
     computed: int = 0  # positions whose keys and values are in the slot (prompt, then fed outputs)
@@ -189,7 +191,7 @@ class Engine:
         self.compiled = compile
         self.overlap = overlap
         self._launched: _Launched | None = None
-        self.decode_attention = decode_attention or (None if compile else DECODE_ATTENTION)
+        self.decode_attention = decode_attention
         self._decode_logits = self._decode_step
         if compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
@@ -211,9 +213,11 @@ class Engine:
 
     # ----- submitting -----------------------------------------------------------------------------
     def submit(
-        self, prompt_ids: list[int], params: SamplingParams, on_event: Callable | None = None
+        self, prompt_ids: list[int], params: SamplingParams, on_event: Callable | None = None,
+        adapter: LoraAdapter | None = None,
     ) -> Sequence:
-        """Queue a request; ``on_event(seq, new_text, finished)`` is called from the engine thread."""
+        """Queue a request; ``on_event(seq, new_text, finished)`` is called from the engine thread. ``adapter``
+        (one ``qwen.lora.load_lora`` loaded onto this engine's model) runs it with that LoRA adapter."""
         params.validate(self.config.vocab_size)
         if not prompt_ids:
             raise ValueError("the prompt is empty")
@@ -224,7 +228,7 @@ class Engine:
                 f"the prompt has {len(prompt_ids)} tokens but the model's context is {self.max_model_len}; "
                 "shorten it or start the engine with a larger max_model_len"
             )
-        seq = Sequence(list(prompt_ids), params, on_event)
+        seq = Sequence(list(prompt_ids), params, on_event, adapter=adapter)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if params.grammar is not None:
@@ -251,26 +255,30 @@ class Engine:
         with self._lock:
             self._lock.notify()
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[Sequence]:
-        """Run prompts to completion in this thread (the engine must not be started)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                 adapters: LoraAdapter | list[LoraAdapter | None] | None = None) -> list[Sequence]:
+        """Run prompts to completion in this thread (the engine must not be started); ``params`` and
+        ``adapters`` are one for all prompts or one per prompt."""
         if self._thread is not None:
             raise RuntimeError("the engine runs in its own thread; use submit() or stream()")
         settings = params if isinstance(params, list) else [params] * len(prompts)
-        seqs = [self.submit(p, s) for p, s in zip(prompts, settings, strict=True)]
+        loras = adapters if isinstance(adapters, list) else [adapters] * len(prompts)
+        seqs = [self.submit(p, s, adapter=a) for p, s, a in zip(prompts, settings, loras, strict=True)]
         while self.step():
             pass
         return seqs
 
-    async def stream(self, prompt_ids: list[int], params: SamplingParams) -> AsyncIterator[tuple[Sequence, str]]:
+    async def stream(self, prompt_ids: list[int], params: SamplingParams,
+                     adapter: LoraAdapter | None = None) -> AsyncIterator[tuple[Sequence, str]]:
         """Async iterator of (sequence, new text) for a started engine; leaving it early cancels."""
-        async for _, seq, text, _ in self.stream_many([(prompt_ids, params)]):
+        async for _, seq, text, _ in self.stream_many([(prompt_ids, params)], adapter):
             yield seq, text
 
     async def stream_many(
-        self, requests: list[tuple[list[int], SamplingParams]]
+        self, requests: list[tuple[list[int], SamplingParams]], adapter: LoraAdapter | None = None
     ) -> AsyncIterator[tuple[int, Sequence, str, bool]]:
-        """Run several requests at once on a started engine; yields (index, sequence, new text,
-        finished) as they progress. Leaving the iterator early cancels the unfinished ones."""
+        """Run several requests at once on a started engine (all with ``adapter``, if one); yields (index,
+        sequence, new text, finished) as they progress. Leaving the iterator early cancels the unfinished ones."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue = asyncio.Queue()
         seqs: list[Sequence] = []
@@ -281,7 +289,7 @@ class Engine:
                     if not loop.is_closed():  # the consumer may have left with its loop
                         loop.call_soon_threadsafe(queue.put_nowait, (index, seq, text, finished))
 
-                seqs.append(self.submit(prompt_ids, params, on_event))
+                seqs.append(self.submit(prompt_ids, params, on_event, adapter))
             remaining = len(seqs)
             while remaining:
                 event = await queue.get()
@@ -415,14 +423,15 @@ class Engine:
         if len(seq.prompt_ids) - 1 < need:  # not one whole block to reuse
             return False
         for other in earlier:
-            if other.alpha == seq.alpha and other.prompt_ids[:need] == seq.prompt_ids[:need]:
+            if self._salt(other) == self._salt(seq) and other.prompt_ids[:need] == seq.prompt_ids[:need]:
                 return True
         return False
 
     @staticmethod
     def _salt(seq: Sequence) -> bytes:
-        """What besides the tokens made a sequence's keys: the dynamic-NTK alpha they were rotated with."""
-        return struct.pack("<d", seq.alpha)
+        """What besides the tokens made a sequence's keys: the dynamic-NTK alpha they were rotated with, and the
+        LoRA adapter that computed them."""
+        return struct.pack("<d", seq.alpha) + (seq.adapter.key if seq.adapter is not None else b"")
 
     def _remember(self, seq: Sequence) -> None:
         """Keep the keys and values in ``seq``'s slot in the prefix cache (positions it has computed)."""
@@ -464,14 +473,16 @@ class Engine:
             real = torch.arange(width, device=self.device)[None] < device_tensor(counts, self.device)[:, None]
             # A padding query may see every key (its output is never used) rather than none (NaN).
             mask = ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]
-        hidden = self._hidden(ids, positions, mask, self.alpha[device_tensor(slots, self.device)])
+        with use_lora(row_groups([s.adapter for s in batch], self.device)):
+            hidden = self._hidden(ids, positions, mask, self.alpha[device_tensor(slots, self.device)])
         for seq, n in zip(batch, counts, strict=True):
             seq.computed += n
         done = [i for i, seq in enumerate(batch) if seq.prefilled]
         if not done:
             return
         last = hidden[device_tensor(done, self.device), device_tensor([counts[i] - 1 for i in done], self.device)]
-        logits = self.model.lm_head(last)
+        with use_lora(row_groups([batch[i].adapter for i in done], self.device)):
+            logits = self.model.lm_head(last)
         seqs, first = [batch[i] for i in done], len(self.running)
         for seq in seqs:  # the oldest admitted: they take slots first, first + 1, ... in order
             self.prefilling.remove(seq)
@@ -500,7 +511,11 @@ class Engine:
         if keys != kv_len or min(positions) != kv_len - 1:  # hide each row's unused tail
             mask = (torch.arange(keys, device=self.device)[None] <= starts[:, None])[:, None, None, :]
         ids = self.next_tokens[:width, None]
-        logits = self._decode_logits(ids, starts[:, None], mask, self.alpha[:width])
+        adapters = [s.adapter for s in self.running] + [None] * (width - n)
+        # A compiled step holds the base model only (qwen.lora.LoraLayer): rows with adapters decode eagerly.
+        decode = self._decode_step if any(adapters) else self._decode_logits
+        with use_lora(row_groups(adapters, self.device)):
+            logits = decode(ids, starts[:, None], mask, self.alpha[:width])
         seqs, rows = list(self.running), slice(0, n)
         if not (self.overlap and all(overlap_safe(s.params) for s in seqs)):
             self._sample(seqs, rows, logits[:n])
@@ -536,7 +551,8 @@ class Engine:
 
     def _decode_step(self, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                      alpha: torch.Tensor) -> torch.Tensor:
-        kernels = self.decode_attention
+        # Eager steps (a compiled engine's too, when a row has a LoRA adapter) keep to DECODE_ATTENTION.
+        kernels = self.decode_attention or (None if torch.compiler.is_compiling() else DECODE_ATTENTION)
         with sdpa_kernel(list(kernels)) if kernels is not None else contextlib.nullcontext():
             return self.model.lm_head(self._hidden(ids, positions, mask, alpha)[:, -1])
 

@@ -87,6 +87,27 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "cores to other work, more than the physical cores slows decoding)")
 
 
+def add_lora_arg(parser: argparse.ArgumentParser) -> None:
+    """``--lora DIR`` of the chat apps and eval scripts (one adapter on every request); read it with
+    :func:`load_lora_arg`. The server's ``--lora NAME=DIR`` serves several under names instead."""
+    parser.add_argument("--lora", metavar="DIR",
+                        help="run with a LoRA adapter folder (finetune.py --use_lora's output) on the checkpoint, "
+                             "unmerged: a Q-LoRA adapter runs on the 4-bit base it was trained on")
+
+
+def load_lora_arg(model, args: argparse.Namespace):
+    """The adapter ``--lora DIR`` names, loaded onto ``model`` (None without the flag); a folder that cannot serve on
+    this model ends the program with a one-line error that says why."""
+    if not args.lora:
+        return None
+    from .lora import AdapterError, load_lora
+
+    try:
+        return load_lora(model, args.lora)
+    except AdapterError as exc:
+        sys.exit(f"error: --lora {args.lora}: {exc}")
+
+
 def add_prefix_cache_arg(parser: argparse.ArgumentParser) -> None:
     """``--prefix-cache-gb``, taken by the server and the eval scripts; read it with :func:`prefix_cache_bytes`."""
     from .prefix_cache import PREFIX_CACHE_BYTES

@@ -7,6 +7,7 @@ printed text, ``qwen> `` before a reply) and only then on the next ``you>`` prom
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import subprocess
@@ -358,3 +359,39 @@ def test_the_same_seed_gives_the_same_reply_in_two_runs(run_cli, tiny_chat):
     assert replies[0], replies
     assert replies[0] == replies[1]
     assert replies[2] != replies[0]
+
+
+def test_lora_flag_chats_with_the_adapter(run_cli, tiny_chat, qwen_tokenizer, tmp_path):
+    """``--lora DIR`` chats with the adapter on top of the checkpoint: the reply is the engine's with that adapter
+    (same seed), not the base model's; a folder that is no adapter is a one-line error, as in web_demo.py."""
+    from test_lora import make_adapter
+    from transformers import AutoModelForCausalLM
+
+    from qwen.apps.session import EngineChat
+    from qwen.chat import DEFAULT_SYSTEM
+    from qwen.lora import load_lora
+
+    folder, _ = make_adapter(tiny_chat, tmp_path / "mine", ["c_attn", "c_proj", "w1", "w2"], seed=9)
+    cli = run_cli("-c", str(tiny_chat), "--lora", str(folder), "--seed", "7", "--max-new-tokens", "10")
+    assert "+ LoRA adapter mine." in cli.ready()
+    reply = cli.chat("hello")
+    cli.child.sendline(":q")
+    cli.finish()
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat).eval()
+    config = copy.deepcopy(model.generation_config)
+    config.max_new_tokens = 10
+    replies = []
+    for adapter in (load_lora(model, folder), None):
+        chat = EngineChat(model, qwen_tokenizer, max_batch_size=1, adapter=adapter)
+        try:
+            replies.append(list(chat.stream("hello", [], DEFAULT_SYSTEM, config, seed=7))[-1])
+        finally:
+            chat.close()
+    assert clean(reply) == replies[0].strip() and replies[0] != replies[1]
+
+    for program in (CLI, str(ROOT / "web_demo.py")):
+        done = subprocess.run([sys.executable, program, "-c", str(tiny_chat), "--lora", str(tiny_chat)], cwd=ROOT,
+                              env=ENV, text=True, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
+        assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
+        assert f"error: --lora {tiny_chat}: {tiny_chat} has no adapter_config.json" in done.stderr

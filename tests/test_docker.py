@@ -218,6 +218,36 @@ def test_chat_completion_and_stream_from_the_host_with_the_openai_client(api):
         wrong.models.list()
 
 
+def test_the_api_script_serves_a_mounted_lora_adapter(image, tmp_path):
+    """--lora NAME=DIR mounts the adapter read-only and the server in the container serves it as model NAME."""
+    openai = pytest.importorskip("openai")
+    from test_lora import make_adapter  # tests/ is on sys.path
+
+    from qwen.tiny import make_tiny_checkpoint
+
+    adapter, _ = make_adapter(make_tiny_checkpoint(tmp_path / DEMO_MODEL), tmp_path / "mine",
+                              ["c_attn", "c_proj", "w1", "w2"])  # for the demo model the container makes
+    for path in (tmp_path, adapter):  # readable by the container's user
+        path.chmod(0o755)
+    for file in adapter.iterdir():
+        file.chmod(0o644)
+    name, port = f"qwen-test-lora-{RUN_ID}", free_port()
+    try:
+        started = run(["bash", str(DOCKER_DIR / "docker_openai_api.sh"), "-i", image, "--demo", "--port", str(port),
+                       "-n", name, "--lora", f"mine={adapter}"])
+        assert started.returncode == 0, started.stderr
+        wait_healthy(name)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        assert [m.id for m in client.models.list().data] == [DEMO_MODEL, "mine"]
+        messages = [{"role": "user", "content": "Hello"}]
+        replies = [client.chat.completions.create(model=m, messages=messages, max_tokens=8, temperature=0)
+                   for m in (DEMO_MODEL, "mine")]
+        assert replies[1].model == "mine"
+        assert replies[0].choices[0].message.content != replies[1].choices[0].message.content
+    finally:
+        remove_container(name)
+
+
 def test_clear_errors_for_a_taken_port_a_taken_name_and_a_missing_checkpoint(api, image, tmp_path):
     script = str(DOCKER_DIR / "docker_openai_api.sh")
     same_port = run(["bash", script, "-i", image, "--demo", "--port", str(api["port"]), "-n", f"other-{RUN_ID}"])

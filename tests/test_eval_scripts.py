@@ -282,3 +282,36 @@ def test_chat_scripts_through_the_api(data, tiny_chat, tiny_model, tokenizer, se
     tasks.main_chat_multiple_choice("mmlu", [*api, "-d", str(data / "mmlu"), "--subjects", "anatomy", "--limit", "2",
                                              "--max-new-tokens", "8"])
     assert "| Average" in capsys.readouterr().out
+
+
+def test_lora_flag_measures_an_adapter_without_merging(data, tiny_base, tiny_chat, tokenizer, tmp_path):
+    """--lora DIR: the multiple-choice scores and the chat replies are the adapter's (checked in this process with
+    qwen.lora), not the base model's."""
+    from test_lora import make_adapter
+    from transformers import AutoModelForCausalLM
+
+    from qwen.chat import chat
+    from qwen.lora import load_lora, use_lora
+
+    base_adapter, _ = make_adapter(tiny_base, tmp_path / "base-lora", ["c_attn", "w2"], seed=7)
+    script("evaluate_ceval", "-c", tiny_base, "-d", data / "ceval", "--subjects", "computer_network", "--limit", 2,
+           "--lora", base_adapter, "--output-json", "results.json", "--no-progress", cwd=tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
+    adapter = load_lora(model, base_adapter)
+    for sample in read_jsonl(tmp_path / "outs/ceval_eval_result/samples.jsonl"):
+        with torch.no_grad(), use_lora(adapter):
+            logits = model(torch.tensor([tokenizer.encode(sample["prompt"])])).logits[0, -1]
+        assert sample["prediction"] == "ABCD"[int(logits[letter_ids(tokenizer, spaced=False)].argmax())]
+    assert "base-lora" in json.loads((tmp_path / "results.json").read_text())["config"]["model"]
+
+    chat_adapter, _ = make_adapter(tiny_chat, tmp_path / "chat-lora", ["c_attn", "c_proj", "w1", "w2"], seed=8)
+    script("evaluate_chat_ceval", "-c", tiny_chat, "-d", data / "ceval", "--subjects", "computer_network",
+           "--limit", 1, "--max-new-tokens", 10, "--lora", chat_adapter, "--no-progress", cwd=tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat).eval()
+    adapter = load_lora(model, chat_adapter)
+    [sample] = read_jsonl(tmp_path / "outs_chat/ceval_eval_result/samples.jsonl")
+    plain, _ = chat(model, tokenizer, sample["prompt"], do_sample=False, repetition_penalty=1.0, max_new_tokens=10)
+    with use_lora(adapter):
+        expected, _ = chat(model, tokenizer, sample["prompt"], do_sample=False, repetition_penalty=1.0,
+                           max_new_tokens=10)
+    assert sample["response"] == expected != plain

@@ -275,6 +275,26 @@ def test_lora_script_memorises_then_merges_and_chats(trainable_chat, qa_data, tm
     assert (merged / "model.safetensors.index.json").is_file() and len(list(merged.glob("model-*.safetensors"))) > 1
     assert_memorised(merged)
 
+    # Served without merging: the server's "mine" answers as the merged model, its base name as the base model.
+    import openai
+
+    from qwen.serve.process import ServerProcess
+
+    with ServerProcess(trainable_chat, "--lora", f"mine={out}", command=[sys.executable, "openai_api.py"],
+                       cwd=ROOT) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        for turns in QA:
+            messages = []
+            for question, answer in turns:
+                messages.append({"role": "user", "content": question})
+                reply = client.chat.completions.create(model="mine", messages=messages, temperature=0,
+                                                       max_tokens=12).choices[0].message.content
+                assert reply == answer, (question, reply)
+                messages.append({"role": "assistant", "content": reply})
+        base_reply = client.chat.completions.create(model=trainable_chat.name, temperature=0, max_tokens=12,
+                                                    messages=[{"role": "user", "content": "Who are you?"}])
+        assert base_reply.choices[0].message.content != "I am Qwen."
+
     # The adapter also loads with peft's AutoPeftModelForCausalLM (after `import qwen`) and agrees with the merge.
     from peft import AutoPeftModelForCausalLM
 

@@ -17,7 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..loading import add_model_args, front_end_checkpoint, load_model
+from ..loading import add_lora_arg, add_model_args, front_end_checkpoint, load_lora_arg, load_model
 from . import sampling_settings
 
 if TYPE_CHECKING:
@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-new-tokens", type=int, help="reply length limit (default: the checkpoint's)")
     p.add_argument("--demo", action="store_true", help="use a tiny random checkpoint (replies are random text)")
     add_model_args(p)
+    add_lora_arg(p)
     return p.parse_args(argv)
 
 
@@ -194,12 +195,15 @@ def main(argv: list[str] | None = None) -> None:
             model, tokenizer = load_model(path, args)
         except (OSError, ValueError) as exc:
             sys.exit(f"error: cannot load {path}: {exc}")
+        adapter = load_lora_arg(model, args)
         from .session import EngineChat  # after the command line: it imports torch
 
-        session = ChatSession(EngineChat(model, tokenizer, max_batch_size=1), args.system, args.seed, console)
+        chat = EngineChat(model, tokenizer, max_batch_size=1, adapter=adapter)
+        session = ChatSession(chat, args.system, args.seed, console)
         if args.max_new_tokens:
             session.original_config.max_new_tokens = session.config.max_new_tokens = args.max_new_tokens
-        console.print(f"Chatting with {path.name}. Type :help for commands, :exit or Ctrl-D to quit.")
+        with_lora = f" + LoRA adapter {adapter.name}" if adapter is not None else ""
+        console.print(f"Chatting with {path.name}{with_lora}. Type :help for commands, :exit or Ctrl-D to quit.")
         chat_loop(session, console)
     console.print("Bye.")
 

@@ -14,6 +14,7 @@ from transformers import GenerationConfig
 
 from ..chat import make_context
 from ..engine import Engine
+from ..lora import LoraAdapter
 from ..sampling import SamplingParams
 
 
@@ -34,10 +35,11 @@ def sampling_from_config(config: GenerationConfig, stop_token_ids: list[int], ro
 
 
 class EngineChat:
-    """One engine, started in its own thread, serving the chat turns of every user of an app."""
+    """One engine, started in its own thread, serving the chat turns of every user of an app (with the LoRA
+    ``adapter``, if one)."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 4) -> None:
-        self.tokenizer = tokenizer
+    def __init__(self, model, tokenizer, max_batch_size: int = 4, adapter: LoraAdapter | None = None) -> None:
+        self.tokenizer, self.adapter = tokenizer, adapter
         self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size).start()
         self.stop_token_ids = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
 
@@ -53,7 +55,7 @@ class EngineChat:
                              "clear the history")
         events: queue.Queue[tuple[str, bool]] = queue.Queue()
         seq = self.engine.submit(prompt, sampling_from_config(config, self.stop_token_ids, room, seed),
-                                 lambda _, text, finished: events.put((text, finished)))
+                                 lambda _, text, finished: events.put((text, finished)), self.adapter)
         reply = ""
         try:
             finished = False

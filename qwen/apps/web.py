@@ -10,7 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-from ..loading import add_model_args, front_end_checkpoint, load_model
+from ..loading import add_lora_arg, add_model_args, front_end_checkpoint, load_lora_arg, load_model
 from ..ports import WEB_PORT, port_number, port_problem
 from . import sampling_settings
 
@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--server-name", default="127.0.0.1", help="address to bind (0.0.0.0 exposes it to the network)")
     p.add_argument("--demo", action="store_true", help="use a tiny random checkpoint (replies are random text)")
     add_model_args(p)
+    add_lora_arg(p)
     return p.parse_args(argv)
 
 
@@ -42,7 +43,7 @@ class _Run:
         self.done = threading.Event()
 
 
-def build_ui(model, tokenizer, title: str = "Qwen"):
+def build_ui(model, tokenizer, title: str = "Qwen", adapter=None):
     """The gradio Blocks app around a loaded model.
 
     Stop and Clear end a running reply through a per-session flag that the generator checks between
@@ -54,7 +55,7 @@ def build_ui(model, tokenizer, title: str = "Qwen"):
     from .session import EngineChat
 
     runs: dict[str, _Run] = {}
-    chat = EngineChat(model, tokenizer, max_batch_size=4)  # the users' turns share its batches
+    chat = EngineChat(model, tokenizer, max_batch_size=4, adapter=adapter)  # the users' turns share its batches
 
     def generate(query: str, history: list, system: str, temperature: float, top_p: float, max_new_tokens: int,
                  request: gr.Request) -> Iterator[tuple[list[dict], list, str]]:
@@ -139,7 +140,10 @@ def main(argv: list[str] | None = None) -> None:
             model, tokenizer = load_model(path, args)
         except (OSError, ValueError) as exc:
             sys.exit(f"error: cannot load {path}: {exc}")
-        demo = build_ui(model, tokenizer, title)
+        adapter = load_lora_arg(model, args)
+        if adapter is not None:
+            title += f" + LoRA adapter {adapter.name}"
+        demo = build_ui(model, tokenizer, title, adapter)
         try:
             demo.queue(default_concurrency_limit=4).launch(
                 server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser

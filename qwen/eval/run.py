@@ -29,7 +29,7 @@ from . import EvalError
 
 def add_common_args(parser: argparse.ArgumentParser, default_checkpoint: str, api: bool = True) -> None:
     """The original scripts' -c/-s plus the harness conveniences and the shared model flags."""
-    from qwen.loading import add_model_args, add_prefix_cache_arg, positive_int
+    from qwen.loading import add_lora_arg, add_model_args, add_prefix_cache_arg, positive_int
 
     parser.add_argument("-c", "--checkpoint-path", default=default_checkpoint,
                         help="original Qwen checkpoint folder (default: %(default)s)")
@@ -46,6 +46,7 @@ def add_common_args(parser: argparse.ArgumentParser, default_checkpoint: str, ap
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     group = parser.add_argument_group("model flags (local checkpoint)")
     add_model_args(group)
+    add_lora_arg(group)
     add_prefix_cache_arg(group)
     if api:
         group = parser.add_argument_group("OpenAI-compatible server (instead of a local checkpoint)")
@@ -120,6 +121,7 @@ class LocalBackend(Backend):
 
     def __init__(self, args: argparse.Namespace, chat: bool) -> None:
         from qwen.loading import CheckpointNotFoundError, checkpoint_folder, load_model, prefix_cache_bytes
+        from qwen.lora import AdapterError, load_lora
 
         try:
             path = checkpoint_folder(args.checkpoint_path)
@@ -127,11 +129,16 @@ class LocalBackend(Backend):
             raise EvalError(f"no checkpoint folder: {exc} Pass -c DIR; for a quick try, `python -m qwen.tiny DIR` "
                             "writes a tiny random one.") from None
         self.model, self.tokenizer = load_model(path, args)
+        try:  # a fine-tune measured without merging it
+            self.adapter = load_lora(self.model, args.lora) if args.lora else None
+        except AdapterError as exc:
+            raise EvalError(f"--lora {args.lora}: {exc}") from None
         config = self.model.generation_config
         self.chat_model = (getattr(config, "chat_format", None) or "raw") == "chatml"
         if chat and not self.chat_model:
             raise EvalError(f"{path} is a base model (chat_format 'raw'): the chat scripts need a -Chat checkpoint")
-        super().__init__(name=str(path), max_new_tokens=args.max_new_tokens or config.max_new_tokens or 512)
+        name = f"{path} + LoRA {self.adapter.path}" if self.adapter is not None else str(path)
+        super().__init__(name=name, max_new_tokens=args.max_new_tokens or config.max_new_tokens or 512)
         # Chat scripts set repetition_penalty 1.0; base scripts keep the checkpoint's.
         self.base_penalty = getattr(config, "repetition_penalty", None) or 1.0
         self.max_window_size = getattr(config, "max_window_size", None) or 6144
@@ -139,6 +146,8 @@ class LocalBackend(Backend):
         self.prefix_cache_bytes = prefix_cache_bytes(args)
 
     def choice_probs(self, prompts, spaced_letters, batch_size, truncate, on_batch, show) -> None:
+        from qwen.lora import use_lora
+
         from .scoring import letter_ids, score_choices
 
         ids = [self.tokenizer.encode(p) for p in prompts]
@@ -151,8 +160,9 @@ class LocalBackend(Backend):
             bar.update(len(batch))
 
         pad = self.tokenizer.special_tokens["<|extra_0|>"]
-        score_choices(self.model, ids, letter_ids(self.tokenizer, spaced_letters), pad, batch_size, done,
-                      share_prefix=self.prefix_cache_bytes > 0)
+        with use_lora(self.adapter):
+            score_choices(self.model, ids, letter_ids(self.tokenizer, spaced_letters), pad, batch_size, done,
+                          share_prefix=self.prefix_cache_bytes > 0)
         bar.close()
 
     def prompt_ids(self, request: Request) -> list[int]:
@@ -183,7 +193,8 @@ class LocalBackend(Backend):
                     repetition_penalty=1.0 if request.chat else self.base_penalty,
                     stop_token_ids=chat_stops + [tok.eod_id], stop=list(request.stops),
                 )
-                engine.submit(ids, params, lambda seq, _t, last, i=index: last and finished.put((i, seq)))
+                engine.submit(ids, params, lambda seq, _t, last, i=index: last and finished.put((i, seq)),
+                              self.adapter)
             for _ in range(len(requests)):
                 index, seq = finished.get()
                 if seq.finish_reason.startswith("error"):
@@ -233,6 +244,9 @@ class APIBackend(Backend):
 
 def open_backend(args: argparse.Namespace, chat: bool) -> Backend:
     if getattr(args, "api_base", None):
+        if args.lora:
+            raise EvalError("--lora loads an adapter onto a local checkpoint; a server serves its adapters under "
+                            "their names: pass --model ADAPTER_NAME with --api-base instead")
         return APIBackend(args)
     return LocalBackend(args, chat)
 

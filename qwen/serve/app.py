@@ -1,10 +1,11 @@
 """The OpenAI-compatible HTTP app: routes, auth, errors, streaming; generation is the engine's.
 
-Request path of a chat completion: validate the body (``protocol``) -> check the model id ->
-build prompt ids from the messages (``prompting``) -> turn the request fields into per-choice
-``SamplingParams`` -> ``Engine.stream_many`` (continuous batching with every other request) ->
-collect into one response, or forward as SSE chunks. Client mistakes are 4xx with an OpenAI-style
-``{"error": {...}}`` body; a client that disconnects mid-stream has its generation cancelled.
+Request path of a chat completion: validate the body (``protocol``) -> check the model id (the base
+model's name, or a LoRA adapter's: ``qwen.lora.AdapterRegistry``) -> build prompt ids from the messages
+(``prompting``) -> turn the request fields into per-choice ``SamplingParams`` -> ``Engine.stream_many``
+(continuous batching with every other request, each row with its own adapter or none) -> collect into one
+response, or forward as SSE chunks. Client mistakes are 4xx with an OpenAI-style ``{"error": {...}}`` body; a
+client that disconnects mid-stream has its generation cancelled.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sse_starlette.sse import EventSourceResponse
 
 from ..engine import Engine, Sequence
 from ..grammar import lark_grammar, response_format_grammar
+from ..lora import AdapterError, AdapterRegistry, LoraAdapter
 from ..sampling import SamplingParams
 from .prompt_logprobs import prompt_logprobs, text_offsets
 from .prompting import OBSERVATION_STOP, PromptError, ReactStream, build_chat_prompt, forced_call_grammar, parse_react
@@ -37,8 +39,10 @@ from .protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    LoadLoraRequest,
     SamplingFields,
     TokenizeRequest,
+    UnloadLoraRequest,
 )
 
 logger = logging.getLogger("qwen.serve")
@@ -84,10 +88,12 @@ def create_app(
     cors_origins: list[str] | None = None,
     log_requests: bool = False,
     max_queue: int | None = None,
+    adapters: AdapterRegistry | None = None,
 ) -> FastAPI:
     """Build the app around an engine (started and stopped with the app). With ``max_queue``, a request
     arriving while that many wait for a batch slot is answered 503 at once (with Retry-After), so an
-    overload shows as quick refusals instead of ever-growing latency and memory."""
+    overload shows as quick refusals instead of ever-growing latency and memory. ``adapters``: the LoRA
+    adapters a request's ``model`` may name (loaded and unloaded at run time; none: the base model only)."""
     tokenizer = engine.tokenizer
     generation = engine.model.generation_config
     stop_token_ids = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
@@ -127,17 +133,49 @@ def create_app(
                 "waiting": len(engine.waiting), "prefix_cache": asdict(cache.stats) if cache is not None else None}
 
     created_at = int(time.time())
-    model_card = {"id": model_name, "object": "model", "created": created_at, "owned_by": "qwen",
-                  "max_model_len": engine.max_model_len}
+
+    def model_card(adapter: LoraAdapter | None = None) -> dict:
+        """An entry of /v1/models: the base model, or an adapter with its folder (root) and the base (parent)."""
+        if adapter is None:
+            return {"id": model_name, "object": "model", "created": created_at, "owned_by": "qwen",
+                    "root": model_name, "parent": None, "max_model_len": engine.max_model_len}
+        return {"id": adapter.name, "object": "model", "created": created_at, "owned_by": "qwen",
+                "root": str(adapter.path), "parent": model_name, "max_model_len": engine.max_model_len}
 
     @app.get("/v1/models", dependencies=auth)
     async def models() -> dict:
-        return {"object": "list", "data": [model_card]}
+        return {"object": "list", "data": [model_card()] + [model_card(a) for a in
+                                                              (adapters.loaded() if adapters else [])]}
 
     @app.get("/v1/models/{model_id:path}", dependencies=auth)
     async def model(model_id: str) -> dict:
-        check_model(model_id)
-        return model_card
+        return model_card(check_model(model_id))
+
+    # ----- LoRA adapters at run time (vLLM's endpoints) ---------------------------------------------
+    def registry() -> AdapterRegistry:
+        if adapters is None:
+            raise APIError(400, "This server does not load LoRA adapters; start it with --lora or --max-loras.")
+        return adapters
+
+    @app.post("/v1/load_lora_adapter", dependencies=auth)
+    async def load_lora_adapter(body: LoadLoraRequest) -> PlainTextResponse:
+        try:
+            adapter = await asyncio.to_thread(registry().load, body.lora_name, body.lora_path)
+        except AdapterError as exc:
+            raise APIError(400, f"Cannot load LoRA adapter {body.lora_name!r}: {exc}", param="lora_path") from None
+        logger.info("LoRA adapter %r loaded from %s (rank %d, %s, %.1f MiB)", adapter.name, adapter.path,
+                    adapter.rank, "+".join(adapter.targets), adapter.nbytes / 2**20)
+        return PlainTextResponse(f"Success: LoRA adapter '{adapter.name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", dependencies=auth)
+    async def unload_lora_adapter(body: UnloadLoraRequest) -> PlainTextResponse:
+        try:
+            registry().unload(body.lora_name)
+        except KeyError:
+            raise APIError(404, f"No LoRA adapter named {body.lora_name!r} is loaded.", code="model_not_found",
+                           param="lora_name") from None
+        logger.info("LoRA adapter %r unloaded", body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     # ----- tokenizer endpoints (vLLM's), so clients such as lm-eval need no local tokenizer ---------
     @app.get("/tokenizer_info", dependencies=auth)
@@ -168,10 +206,10 @@ def create_app(
             raise APIError(400, f"Token ids must be in [0, {engine.config.vocab_size}).", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    def check_request(body: SamplingFields) -> None:
-        """The model exists, every field set is one this server honours (or harmlessly ignores), and
-        there is room in the queue."""
-        check_model(body.model)
+    def check_request(body: SamplingFields) -> LoraAdapter | None:
+        """The model exists (returns its adapter, if it is one), every field set is one this server honours (or
+        harmlessly ignores), and there is room in the queue."""
+        adapter = check_model(body.model)
         unknown = sorted(body.model_extra or {})
         if unknown:
             raise APIError(400, f"Unsupported field(s): {', '.join(unknown)}. This server does not implement "
@@ -179,11 +217,17 @@ def create_app(
         if max_queue is not None and len(engine.waiting) >= max_queue:
             raise APIError(503, f"The server is busy: {len(engine.waiting)} requests are waiting. Retry shortly.",
                            "server_error", "overloaded")
+        return adapter
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise APIError(404, f"The model {name!r} does not exist; this server serves {model_name!r}.",
-                           code="model_not_found", param="model")
+    def check_model(name: str) -> LoraAdapter | None:
+        """The adapter a model name picks (None: the base model); an unknown name is OpenAI's 404."""
+        if name == model_name:
+            return None
+        if adapters is not None and (adapter := adapters.get(name)) is not None:
+            return adapter
+        served = [model_name] + [a.name for a in (adapters.loaded() if adapters else [])]
+        raise APIError(404, f"The model {name!r} does not exist; this server serves "
+                            f"{', '.join(repr(n) for n in served)}.", code="model_not_found", param="model")
 
     def sampling(body: SamplingFields, prompt_len: int, max_tokens: int | None, stops: list[str],
                  logprobs: int | None) -> list[SamplingParams]:
@@ -264,7 +308,7 @@ def create_app(
     # ----- chat completions -----------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        check_request(body)
+        adapter = check_request(body)
         if log_requests:
             logger.info("chat request: %s", body.model_dump_json(exclude_none=True))
         try:
@@ -294,7 +338,7 @@ def create_app(
         requests = [(prompt.ids, p) for p in params]
 
         if not body.stream:
-            seqs = await _run(engine, requests, request)
+            seqs = await _run(engine, requests, request, adapter)
             check_errors(seqs)
             choices = []
             for i, seq in enumerate(seqs):
@@ -310,11 +354,11 @@ def create_app(
                 if body.logprobs:
                     choice["logprobs"] = {"content": logprob_entries(seq)}
                 choices.append(choice)
-            return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
+            return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
                     "choices": choices, "usage": usage(len(prompt.ids), seqs, body.n)}
 
         def chunk(index: int, delta: dict, reason: str | None = None, logprobs: Any = None) -> str:
-            return json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model_name,
+            return json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
                                "choices": [{"index": index, "delta": delta, "finish_reason": reason,
                                             "logprobs": logprobs}]}, ensure_ascii=False)
 
@@ -325,7 +369,7 @@ def create_app(
             for i in range(len(params)):
                 yield chunk(i, {"role": "assistant", "content": ""})
             try:
-                async for i, seq, text, finished in engine.stream_many(requests):
+                async for i, seq, text, finished in engine.stream_many(requests, adapter):
                     seqs[i] = seq
                     content = react[i].feed(text) if prompt.functions else text
                     if content:
@@ -352,7 +396,7 @@ def create_app(
                 return
             if body.stream_options and body.stream_options.include_usage:
                 yield json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                  "model": model_name, "choices": [],
+                                  "model": body.model, "choices": [],
                                   "usage": usage(len(prompt.ids), [seqs[i] for i in sorted(seqs)], body.n)})
             yield "[DONE]"
 
@@ -391,7 +435,7 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
-        check_request(body)
+        adapter = check_request(body)
         if log_requests:
             logger.info("completion request: %s", body.model_dump_json(exclude_none=True))
         if body.suffix:
@@ -415,7 +459,7 @@ def create_app(
             body_n = body.model_copy(update={"n": best_of})
             for ids, _ in prompts:
                 requests += [(ids, p) for p in sampling(body_n, len(ids), body.max_tokens, list(body.stop), want)]
-        echo_logprobs = [await asyncio.to_thread(prompt_logprobs, engine.model, ids, body.logprobs)
+        echo_logprobs = [await asyncio.to_thread(prompt_logprobs, engine.model, ids, body.logprobs, adapter)
                          for ids, _ in prompts] if scored else []
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         prompt_tokens = sum(len(ids) for ids, _ in prompts)
@@ -436,7 +480,7 @@ def create_app(
             return prompts[p][1] if body.echo else ""
 
         if not body.stream:
-            seqs = await _run(engine, requests, request) if requests else []
+            seqs = await _run(engine, requests, request, adapter) if requests else []
             check_errors(seqs)
             choices = []
             for p in range(len(prompts)):
@@ -448,12 +492,12 @@ def create_app(
                     choices.append({"index": len(choices), "text": prefix(p) + (seq.text if seq else ""),
                                     "finish_reason": finish_reason(seq) if seq else "length",
                                     "logprobs": choice_logprobs(p, seq)})
-            return {"id": rid, "object": "text_completion", "created": created, "model": model_name,
+            return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
                     "choices": choices, "usage": usage(prompt_tokens, seqs, best_of)}
 
         async def events() -> AsyncIterator[str]:
             def chunk(i: int, text: str, reason: str | None, logprobs: dict | None = None) -> str:
-                return json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                return json.dumps({"id": rid, "object": "text_completion", "created": created, "model": body.model,
                                    "choices": [{"index": i, "text": text, "finish_reason": reason,
                                                 "logprobs": logprobs}]}, ensure_ascii=False)
 
@@ -466,7 +510,7 @@ def create_app(
                     lead = legacy_logprobs(echoed(p), 0) if scored else None
                     yield chunk(i, prefix(p), None if generate else "length", lead)
             try:
-                async for i, seq, text, finished in engine.stream_many(requests):
+                async for i, seq, text, finished in engine.stream_many(requests, adapter):
                     seqs[i] = seq
                     logprobs = None
                     if body.logprobs is not None and len(seq.logprobs) > logged[i]:
@@ -483,7 +527,7 @@ def create_app(
                 yield json.dumps(exc.body())
                 return
             if body.stream_options and body.stream_options.include_usage:
-                yield json.dumps({"id": rid, "object": "text_completion", "created": created, "model": model_name,
+                yield json.dumps({"id": rid, "object": "text_completion", "created": created, "model": body.model,
                                   "choices": [], "usage": usage(prompt_tokens, [seqs[i] for i in sorted(seqs)],
                                                                 best_of)})
             yield "[DONE]"
@@ -493,12 +537,13 @@ def create_app(
     return app
 
 
-async def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]], client: Request) -> list[Sequence]:
-    """Run requests to completion on the engine; if the client goes away first, cancel them."""
+async def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]], client: Request,
+               adapter: LoraAdapter | None) -> list[Sequence]:
+    """Run requests to completion on the engine (with ``adapter``); if the client goes away first, cancel them."""
     seqs: dict[int, Sequence] = {}
 
     async def collect() -> None:
-        async for i, seq, _, _ in engine.stream_many(requests):
+        async for i, seq, _, _ in engine.stream_many(requests, adapter):
             seqs[i] = seq
 
     task = asyncio.ensure_future(collect())

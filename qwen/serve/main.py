@@ -54,10 +54,32 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="the most prompt tokens prefilled per step, between which running streams decode: smaller "
                         "keeps streams smoother while a long prompt is read, larger serves bursts of prompts "
                         f"faster (default: {PREFILL_CHUNK})")
+    p.add_argument("--lora", action="append", default=[], metavar="NAME=DIR", type=lora_module,
+                   help="serve a LoRA adapter folder (finetune.py --use_lora's output) beside the base, unmerged: "
+                        "requests with model NAME use it (repeat for more; DIR alone names it after its folder)")
+    p.add_argument("--max-loras", type=non_negative_int, default=4,
+                   help="the most LoRA adapters loaded at once, from --lora and POST /v1/load_lora_adapter; 0 turns "
+                        "loading at run time off (default: %(default)s, or the number of --lora if more)")
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
     p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
     add_model_args(p)
     return p.parse_args(argv)
+
+
+def lora_module(text: str) -> tuple[str, str]:
+    """``--lora NAME=DIR`` (or ``DIR``, named after its folder) as (name, folder)."""
+    name, sep, folder = text.partition("=")
+    if not sep:
+        name, folder = Path(text).expanduser().resolve().name, text
+    if not name or not folder:
+        raise argparse.ArgumentTypeError(f"expected NAME=DIR (an adapter name and its folder), not {text!r}")
+    return name, folder
+
+
+def non_negative_int(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 0, not {text!r}")
+    return int(text)
 
 
 def default_max_model_len(config) -> int:
@@ -83,6 +105,7 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
     import uvicorn
 
     from qwen.engine import Engine
+    from qwen.lora import AdapterError, AdapterRegistry, enable_lora
     from qwen.serve.app import create_app
 
     logging.basicConfig(level=logging.INFO)
@@ -90,6 +113,20 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
         model, tokenizer = load_model(path, args)
     except (OSError, ValueError) as exc:
         sys.exit(f"error: cannot load {path}: {exc}")
+    name = args.model_name or default_name
+    adapters = None
+    max_loras = max(args.max_loras, len(args.lora))
+    if max_loras:
+        adapters = AdapterRegistry(model, name, max_loras)
+        for lora_name, folder in args.lora:
+            try:
+                adapter = adapters.load(lora_name, folder)
+            except AdapterError as exc:
+                sys.exit(f"error: --lora {lora_name}={folder}: {exc}")
+            logging.info("LoRA adapter %r: %s (rank %d, %s, %.1f MiB)", lora_name, folder, adapter.rank,
+                         "+".join(adapter.targets), adapter.nbytes / 2**20)
+        if args.compile:
+            enable_lora(model)  # before compiling: an adapter loaded later then leaves the compiled graphs as they are
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
                     max_model_len=args.max_model_len or default_max_model_len(model.config), compile=args.compile,
                     prefix_cache_bytes=prefix_cache_bytes(args), prefill_chunk=args.prefill_chunk)
@@ -106,12 +143,13 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
         logging.info("compiled in %.0f s", time.perf_counter() - started)
     app = create_app(
         engine,
-        args.model_name or default_name,
+        name,
         api_keys={k for k in args.api_keys.split(",") if k},
         basic_auth=args.api_auth,
         cors_origins=[o for o in args.cors_origins.split(",") if o],
         log_requests=args.log_requests,
         max_queue=args.max_queue,
+        adapters=adapters,
     )
     if args.disable_gc:
         gc.freeze()

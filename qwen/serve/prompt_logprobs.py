@@ -16,15 +16,18 @@ import threading
 
 import torch
 
+from ..lora import LoraAdapter, use_lora
+
 BLOCK = 256  # positions projected onto the vocabulary at once
 _lock = threading.Lock()  # one scoring pass at a time (the engine's thread runs beside it)
 
 
 @torch.inference_mode()
-def prompt_logprobs(model, ids: list[int], top: int) -> list[tuple[float | None, list[tuple[int, float]]]]:
+def prompt_logprobs(model, ids: list[int], top: int,
+                    adapter: LoraAdapter | None = None) -> list[tuple[float | None, list[tuple[int, float]]]]:
     """For each token of ``ids``: (its logprob or None for the first, the ``top`` most likely ids there
-    with their logprobs, [] for the first)."""
-    with _lock:
+    with their logprobs, [] for the first), under ``model`` with the LoRA ``adapter`` if one."""
+    with _lock, use_lora(adapter):
         hidden = model.transformer(input_ids=torch.tensor([ids], device=model.device), use_cache=False)
         hidden = hidden.last_hidden_state[0, :-1]
         targets = torch.tensor(ids[1:], device=model.device)

@@ -182,3 +182,14 @@ class TokenizeRequest(_Lenient):
 class DetokenizeRequest(_Lenient):
     model: str | None = None
     tokens: list[int]
+
+
+class LoadLoraRequest(_Lenient):
+    """``POST /v1/load_lora_adapter``, as vLLM names it."""
+
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadLoraRequest(_Lenient):
+    lora_name: str = Field(min_length=1)
