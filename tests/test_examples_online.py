@@ -72,7 +72,7 @@ class ScriptedEngine(Engine):
         self.script: Script | None = None
         self.prompts: list[str] = []  # every request's prompt text, in order
 
-    def submit(self, prompt_ids, params, on_event=None):
+    def submit(self, prompt_ids, params, on_event=None, adapter=None):
         prompt = self.tokenizer.decode(prompt_ids)
         self.prompts.append(prompt)
         reply = None if self.script is None else self.script(prompt)
@@ -81,7 +81,7 @@ class ScriptedEngine(Engine):
                 reply = reply.split(prefill, 1)[1]
                 break
         self.model.lm_head.load(None if reply is None else self.tokenizer.encode(reply))
-        return super().submit(prompt_ids, params, on_event)
+        return super().submit(prompt_ids, params, on_event, adapter)
 
 
 class Server:

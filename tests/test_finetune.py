@@ -33,6 +33,7 @@ from qwen.finetune_data import (
     load_conversations,
     preprocess,
 )
+from qwen.quantization.gptq_load import gptqmodel_available
 from qwen.serve.process import free_port
 from qwen.tiny import make_tiny_checkpoint
 
@@ -361,6 +362,38 @@ def test_qlora_nf4_script_memorises(trainable_chat, qa_data, tmp_path):
     # may differ slightly from the 4-bit model's, so they are not compared.
     merged = merge_lora(str(out), str(tmp_path / "merged"))
     assert AutoModelForCausalLM.from_pretrained(merged).config.model_type == "qwen"
+
+
+@pytest.mark.skipif(not gptqmodel_available(), reason="Q-LoRA on a GPTQ folder trains through gptqmodel + optimum "
+                    "(the quant extra), which are not installed")
+def test_qlora_on_a_gptq_folder_serves_unmerged_as_trained(qa_data, tmp_path):
+    """The original's Q-LoRA path: an -Int4 GPTQ folder (here run_gptq.py's of a tiny model), Q-LoRA through
+    gptqmodel, then openai_api.py --int4 --lora serves the adapter on those 4-bit weights (qwen's int4 kernel):
+    each reply is the trained model's (peft over gptqmodel's layers), which no merge could give."""
+    import openai
+    from peft import AutoPeftModelForCausalLM
+
+    from qwen.serve.process import ServerProcess
+
+    source = make_tiny_checkpoint(tmp_path / "fp32", initializer_range=0.3, hidden=128, heads=4, intermediate=512)
+    gptq, out = tmp_path / "int4", tmp_path / "qlora"
+    run([sys.executable, ROOT / "run_gptq.py", "--model_name_or_path", source, "--data_path", qa_data, "--out_path",
+         gptq, "--bits", "4", "--group-size", "128", "--device", "cpu", "--max_len", "512"], cwd=tmp_path)
+    run(["bash", FT / "finetune_qlora_single_gpu.sh", "-m", gptq, "-d", qa_data, "--output_dir", out, *MEMORISE,
+         "--max_steps", "40", "--learning_rate", "2e-2"], cwd=tmp_path, GPUS_PER_NODE="0", GPTQMODEL_CPU_WORKERS="2")
+    assert json.loads((out / "qwen_finetune.json").read_text())["quantization"] == "gptq"
+    tokenizer = AutoTokenizer.from_pretrained(gptq)
+    trained = AutoPeftModelForCausalLM.from_pretrained(out, device_map="cpu").eval()
+    questions = [q for turns in QA for q, _ in turns[:1]]
+    expected = [trained.chat(tokenizer, q, history=None, do_sample=False, max_new_tokens=12)[0] for q in questions]
+    assert "I am Qwen." in expected  # it learned
+    with ServerProcess(gptq, "--int4", "--lora", f"mine={out}", command=[sys.executable, "openai_api.py"],
+                       cwd=ROOT) as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="none")
+        replies = [client.chat.completions.create(model="mine", messages=[{"role": "user", "content": q}],
+                                                  temperature=0, max_tokens=12).choices[0].message.content
+                   for q in questions]
+    assert replies == expected
 
 
 def test_lora_deepspeed_zero2_with_one_cpu_process(trainable_base, tmp_path, tokenizer):
