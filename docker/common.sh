@@ -231,9 +231,11 @@ prepare() {
 # a container that does not stay up ends the script with the reason.
 run_server() {
     local out
-    if ! out=$("$DOCKER" run -d --name "$CONTAINER" --restart unless-stopped -p "$LISTEN:$PORT:8000" "$@" \
-            "${USER_ARGS[@]}" "${GPU_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LORA_ARGS[@]}" "$IMAGE" "${CMD[@]}" \
-            "${APP_ARGS[@]}" 2>&1); then
+    # --stop-timeout: docker stop sends SIGTERM, then waits this long for running requests to finish (the server
+    # stops them after its --shutdown-timeout, 25 s) before it kills the container
+    if ! out=$("$DOCKER" run -d --name "$CONTAINER" --restart unless-stopped --stop-timeout 30 \
+            -p "$LISTEN:$PORT:8000" "$@" "${USER_ARGS[@]}" "${GPU_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LORA_ARGS[@]}" \
+            "$IMAGE" "${CMD[@]}" "${APP_ARGS[@]}" 2>&1); then
         if [[ $out == *"already allocated"* || $out == *"address already in use"* ]]; then
             "$DOCKER" rm -f "$CONTAINER" >/dev/null 2>&1 || true
             die "port $PORT is taken: choose another with --port"

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import struct
 import threading
 import time
@@ -55,6 +56,8 @@ from .lora import LoraAdapter, row_groups, use_lora
 from .modeling import QWenLMHeadModel, ntk_alpha
 from .prefix_cache import PREFILL_CHUNK, PREFIX_CACHE_BYTES, PrefixCache
 from .sampling import SamplingParams, TokenStats, device_tensor, select_tokens
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from llguidance import LLMatcher
@@ -103,6 +106,7 @@ class Sequence:
     generator: torch.Generator | None = None
     matcher: LLMatcher | None = None  # the state of params.grammar
     adapter: LoraAdapter | None = None  # the LoRA adapter it runs with (qwen.lora), None: the base model
+    arrival_time: float = field(default_factory=time.perf_counter)  # when it was submitted
     first_token_time: float | None = None
     inflight: int = 0  # tokens computed on the device that the host has not read yet (0 or 1)
     computed: int = 0  # positions whose keys and values are in the slot (prompt, then fed outputs)
@@ -191,6 +195,7 @@ class Engine:
         self.compiled = compile
         self.overlap = overlap
         self._launched: _Launched | None = None
+        self.on_finish: Callable[[Sequence], None] | None = None  # called (engine thread) as each sequence ends
         self.decode_attention = decode_attention
         self._decode_logits = self._decode_step
         if compile:
@@ -308,6 +313,11 @@ class Engine:
             self._thread = threading.Thread(target=self._loop, name="qwen-engine", daemon=True)
             self._thread.start()
         return self
+
+    def unfinished(self) -> list[Sequence]:
+        """The sequences not finished yet: running, being prefilled, waiting."""
+        with self._lock:
+            return [s for s in [*self.running, *self.prefilling, *self.waiting] if not s.done]
 
     def stop(self) -> None:
         with self._lock:
@@ -634,6 +644,11 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason
         self._emit(seq, seq.text, True)
+        if self.on_finish is not None:
+            try:
+                self.on_finish(seq)
+            except Exception:  # an observer's failure (the server's metrics) never fails the batch
+                logger.exception("Engine.on_finish failed")
 
     def _emit(self, seq: Sequence, visible: str, finished: bool) -> None:
         new = visible[seq.emitted :] if len(visible) > seq.emitted else ""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -685,7 +686,8 @@ def test_tool_call_non_stream(scripted, tokenizer):
     assert call.type == "function" and call.id.startswith("call_")
     assert call.function.name == "get_weather"
     assert call.function.arguments == ARGS and json.loads(call.function.arguments) == {"city": "Paris"}
-    assert "Observation" not in (choice.message.content or "")
+    # The Thought is reasoning, not the answer: content stays empty, as agent frameworks expect of a call.
+    assert choice.message.content is None and choice.message.reasoning_content == "I can use get_weather."
     text, n = prompt_text(tokenizer, messages=QUESTION, tools=TOOLS)
     assert out.usage.prompt_tokens == n
     params = json.dumps(WEATHER["parameters"], ensure_ascii=False)
@@ -707,9 +709,64 @@ def test_tool_call_stream(scripted):
     assert first.function.name == "get_weather"
     assert all(c.index == 0 and c.function.name is None for c in calls[1:])
     assert "".join(c.function.arguments or "" for c in calls) == ARGS
-    assert not any("Action" in (d.content or "") or "Observation" in (d.content or "") for d in deltas)
+    # No content at all (a streaming agent would take it for the final answer); the Thought comes first, as
+    # reasoning: the same message as without streaming.
+    assert not any(d.content for d in deltas)
+    thoughts = [i for i, d in enumerate(deltas) if getattr(d, "reasoning_content", None)]
+    assert [deltas[i].reasoning_content for i in thoughts] == ["I can use get_weather."]
+    assert thoughts[0] < next(i for i, d in enumerate(deltas) if d.tool_calls)
     reasons = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert reasons[-1] == "tool_calls" and set(reasons[:-1]) == {None}
+
+
+@pytest.mark.parametrize("forced", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_call_cut_by_max_tokens_ends_length_with_the_raw_partial_arguments(scripted, tokenizer, forced, stream):
+    """As OpenAI reports it: finish_reason "length" and the arguments as far as the model wrote them, never a call
+    that looks complete ("tool_calls") with its broken arguments wrapped into a JSON string."""
+    reply = f" get_weather\nAction Input: {ARGS}" if forced else ACTION
+    ids = tokenizer.encode(reply)
+    n = next(k for k in range(len(ids)) if '"city"' in tokenizer.decode(ids[:k]))  # cut inside the arguments
+    partial = tokenizer.decode(ids[:n]).split("Action Input:")[1].strip()
+    assert partial.startswith('{"city"') and partial != ARGS
+    scripted.reply(reply)
+    body = dict(model=MODEL, messages=QUESTION, tools=TOOLS, max_tokens=n, stream=stream,
+                tool_choice="required" if forced else "auto", **GREEDY)
+    out = scripted.client.chat.completions.create(**body)
+    if stream:
+        chunks = [c for c in out if c.choices]
+        deltas = [c.choices[0].delta for c in chunks]
+        reason = chunks[-1].choices[0].finish_reason
+        arguments = "".join(d.tool_calls[0].function.arguments or "" for d in deltas if d.tool_calls)
+        assert not any(d.content for d in deltas)
+    else:
+        reason, [call] = out.choices[0].finish_reason, out.choices[0].message.tool_calls
+        arguments = call.function.arguments
+    assert reason == "length" and arguments == partial
+
+
+@pytest.mark.parametrize("reply", [ACTION, ANSWER, "Just text, no ReAct at all."])
+def test_streamed_and_whole_replies_are_the_same_message(scripted, reply):
+    def whole() -> tuple:
+        message = scripted.client.chat.completions.create(model=MODEL, messages=QUESTION, tools=TOOLS,
+                                                          **GREEDY).choices[0].message
+        call = message.tool_calls[0].function if message.tool_calls else None
+        return (message.content, getattr(message, "reasoning_content", None),
+                call and (call.name, call.arguments))
+
+    def streamed() -> tuple:
+        deltas = [c.choices[0].delta for c in scripted.client.chat.completions.create(
+            model=MODEL, messages=QUESTION, tools=TOOLS, stream=True, **GREEDY) if c.choices]
+        calls = [d.tool_calls[0].function for d in deltas if d.tool_calls]
+        join = lambda parts: "".join(parts) or None  # noqa: E731
+        return (join(d.content or "" for d in deltas), join(getattr(d, "reasoning_content", None) or ""
+                                                             for d in deltas),
+                calls and (calls[0].name, "".join(c.arguments or "" for c in calls)) or None)
+
+    scripted.reply(reply)
+    expected = whole()
+    scripted.reply(reply)
+    assert streamed() == expected
 
 
 def test_legacy_functions(scripted):
@@ -767,7 +824,8 @@ def test_tool_choice(scripted, tokenizer, choice):
     assert message.tool_calls[0].function.name == "get_weather"
     assert message.tool_calls[0].function.arguments == ARGS
     assert ("get_time" in text) == (choice != "named")
-    assert (message.content is None) == (choice in ("required", "named"))
+    assert message.content is None
+    assert getattr(message, "reasoning_content", None) == ("I can use get_weather." if choice == "auto" else None)
 
 
 def test_tool_result_round_trip(scripted, tokenizer):
@@ -848,3 +906,132 @@ def test_forced_tool_choice_always_calls(client, tool_choice):
         deltas = [c.choices[0].delta for c in stream if c.choices and c.choices[0].index == index]
         arguments = "".join(d.tool_calls[0].function.arguments or "" for d in deltas if d.tool_calls)
         assert json.loads(arguments) in ({"unit": "C"}, {"unit": "F"})
+
+
+def test_request_ids_and_the_json_access_log(tiny_chat, tmp_path):
+    """Every response carries X-Request-Id (the client's own when it sent a tame one); the access log has one JSON
+    line per request with its id, route, status, model, tokens and times, and no prompt text."""
+    log = tmp_path / "server.log"
+    secret = "a prompt that must not reach the log"
+    with ServerProcess(tiny_chat, "--model-name", MODEL, "--log-format", "json", "--api-keys", "k", log=log) as server:
+        auth = {"Authorization": "Bearer k"}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": secret}], "max_tokens": 5}
+        mine = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60,
+                          headers={**auth, "X-Request-Id": "trace-42"})
+        assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-42"
+        with httpx.stream("POST", server.url + "/v1/completions", headers=auth, timeout=60,
+                          json={"model": MODEL, "prompt": secret, "max_tokens": 4, "stream": True}) as streamed:
+            generated = streamed.headers["x-request-id"]
+            assert re.fullmatch(r"[0-9a-f]{32}", generated) and "[DONE]" in streamed.read().decode()
+        odd = httpx.post(server.url + "/v1/chat/completions", json={**chat, "model": "nope"}, timeout=60,
+                         headers={**auth, "X-Request-Id": "bad id\twith tab"})
+        assert odd.status_code == 404 and re.fullmatch(r"[0-9a-f]{32}", odd.headers["x-request-id"])
+        assert httpx.get(server.url + "/v1/models").status_code == 401
+        time.sleep(0.5)
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    by_id = {line["request_id"]: line for line in lines}
+    first = by_id["trace-42"]
+    assert first["method"] == "POST" and first["path"] == "/v1/chat/completions" and first["status"] == 200
+    assert first["model"] == MODEL and first["completion_tokens"] == mine.json()["usage"]["completion_tokens"]
+    assert first["prompt_tokens"] == mine.json()["usage"]["prompt_tokens"]
+    assert 0 < first["ttft_ms"] <= first["duration_ms"]
+    stream_line = by_id[generated]
+    assert stream_line["path"] == "/v1/completions" and stream_line["status"] == 200
+    assert stream_line["completion_tokens"] >= 1 and "complete" not in stream_line
+    assert by_id[odd.headers["x-request-id"]]["status"] == 404
+    assert any(line["path"] == "/v1/models" and line["status"] == 401 for line in lines)
+    assert secret not in log.read_text()
+
+
+def test_prometheus_metrics_move_with_streaming_load(tiny_chat, tmp_path):
+    """/metrics (behind the API keys) parsed with prometheus_client's own parser while 8 clients stream and after:
+    the running gauge sees them, finished requests, tokens and latency histograms count every one, responses are
+    counted by route and status."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def scrape(server, headers) -> dict[tuple, float]:
+        text = httpx.get(server.url + "/metrics", headers=headers, timeout=30).text
+        return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                for family in text_string_to_metric_families(text) for s in family.samples}
+
+    n, tokens = 8, 24
+    with ServerProcess(tiny_chat, "--model-name", MODEL, "--api-keys", "k", "--max-batch-size", "4",
+                       log=tmp_path / "server.log") as server:
+        auth = {"Authorization": "Bearer k"}
+        assert httpx.get(server.url + "/metrics", timeout=30).status_code == 401
+        before = scrape(server, auth)
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="k", max_retries=0)
+
+        def stream(i: int) -> int:
+            chunks = client.completions.create(model=MODEL, prompt=f"count {i}", max_tokens=tokens, stream=True,
+                                               temperature=0)
+            return sum(1 for c in chunks if c.choices and c.choices[0].text)
+
+        with ThreadPoolExecutor(n) as pool:
+            futures = [pool.submit(stream, i) for i in range(n)]
+            during = []
+            while not all(f.done() for f in futures):
+                during.append(scrape(server, auth))
+                time.sleep(0.2)
+            [f.result() for f in futures]
+        after = scrape(server, auth)
+
+    def delta(name: str, **labels) -> float:
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert max(d[("qwen:num_requests_running", ())] for d in during) >= 1
+    assert max(d[("qwen:num_requests_running", ())] + d[("qwen:num_requests_waiting", ())] for d in during) <= n
+    finished = sum(delta("qwen:request_success_total", finished_reason=r) for r in ("stop", "length"))
+    assert finished == n
+    assert 0 < delta("qwen:generation_tokens_total") <= n * tokens
+    assert delta("qwen:time_to_first_token_seconds_count") == n == delta("qwen:e2e_request_latency_seconds_count")
+    assert delta("qwen:http_responses_total", route="/v1/completions", status="200") == n
+    assert after[("qwen:num_requests_running", ())] == 0 and after[("qwen:kv_cache_usage_perc", ())] == 0
+    assert ("qwen:prefix_cache_lookups_total", ()) in after
+
+
+@pytest.mark.parametrize("timeout", ["30", "1"])
+def test_sigterm_drains_streams_then_exits_0(tiny_chat, tmp_path, timeout):
+    """SIGTERM with 8 clients streaming: a new request gets 503, every stream ends with a finish reason and [DONE]
+    (run to its end, or "abort" once --shutdown-timeout has passed), and the process exits 0."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    long = timeout == "1"  # streams that outlast the timeout
+    with ServerProcess(tiny_chat, "--model-name", MODEL, "--max-batch-size", "4", "--shutdown-timeout", timeout,
+                       log=tmp_path / "server.log") as server:
+
+        def stream(i: int) -> tuple[str | None, bool]:
+            body = {"model": MODEL, "prompt": f"story {i}", "stream": True, "temperature": 0,
+                    "max_tokens": 4000 if long else 400, "repetition_penalty": 1.0}
+            reason, done = None, False
+            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as response:
+                for line in response.iter_lines():
+                    if line == "data: [DONE]":
+                        done = True
+                    elif line.startswith("data: {"):
+                        reason = json.loads(line[6:])["choices"][0]["finish_reason"] or reason
+            return reason, done
+
+        with ThreadPoolExecutor(8) as pool:
+            futures = [pool.submit(stream, i) for i in range(8)]
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:  # until the engine holds the requests
+                health = httpx.get(server.url + "/health", timeout=10).json()
+                if health["running"] + health["waiting"] + health["prefilling"] == 8:
+                    break
+                time.sleep(0.01)
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
+            late = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "late"}, timeout=10)
+            assert late.status_code == 503 and late.headers["retry-after"] == "1"
+            assert late.json()["error"]["code"] == "shutting_down"
+            results = [f.result() for f in futures]
+        assert server.proc.wait(60) == 0
+    assert all(done for _, done in results), results
+    reasons = {reason for reason, _ in results}
+    assert None not in reasons and reasons <= {"length", "stop", "abort"}
+    assert ("abort" in reasons) == long, reasons

@@ -26,13 +26,16 @@ from typing import Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, PlainTextResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from sse_starlette.sse import EventSourceResponse
 
 from ..engine import Engine, Sequence
 from ..grammar import lark_grammar, response_format_grammar
 from ..lora import AdapterError, AdapterRegistry, LoraAdapter
 from ..sampling import SamplingParams
+from .access_log import AccessLog, record
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .metrics import Metrics
 from .prompt_logprobs import prompt_logprobs, text_offsets
 from .prompting import OBSERVATION_STOP, PromptError, ReactStream, build_chat_prompt, forced_call_grammar, parse_react
 from .protocol import (
@@ -87,13 +90,17 @@ def create_app(
     basic_auth: str | None = None,
     cors_origins: list[str] | None = None,
     log_requests: bool = False,
+    log_json: bool = False,
+    metrics_public: bool = False,
     max_queue: int | None = None,
     adapters: AdapterRegistry | None = None,
 ) -> FastAPI:
     """Build the app around an engine (started and stopped with the app). With ``max_queue``, a request
     arriving while that many wait for a batch slot is answered 503 at once (with Retry-After), so an
     overload shows as quick refusals instead of ever-growing latency and memory. ``adapters``: the LoRA
-    adapters a request's ``model`` may name (loaded and unloaded at run time; none: the base model only)."""
+    adapters a request's ``model`` may name (loaded and unloaded at run time; none: the base model only).
+    ``log_json``: the access log's lines as JSON (see ``access_log``); ``metrics_public``: ``/metrics`` answers
+    without the API keys (for a scraper inside a trusted network)."""
     tokenizer = engine.tokenizer
     generation = engine.model.generation_config
     stop_token_ids = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
@@ -105,6 +112,9 @@ def create_app(
         engine.stop()
 
     app = FastAPI(title="Qwen OpenAI-compatible API", lifespan=lifespan)
+    app.state.draining = False  # set on SIGTERM (qwen.serve.main.DrainingServer): new requests get 503
+    metrics = Metrics(engine)
+    app.add_middleware(AccessLog, json_format=log_json, on_response=metrics.response)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
     auth = [Depends(_auth_dependency(set(api_keys or ()), basic_auth))]
@@ -126,8 +136,14 @@ def create_app(
         message = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:])}: {e.get('msg')}" for e in errors)
         return JSONResponse(APIError(400, message, param=param).body(), status_code=400)
 
+    @app.get("/metrics", dependencies=[] if metrics_public else auth, include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.exposition(), media_type=METRICS_CONTENT_TYPE)
+
     @app.get("/health")
     async def health() -> dict:
+        if app.state.draining:  # a load balancer stops sending requests here
+            raise APIError(503, "The server is shutting down.", "server_error", "shutting_down")
         cache = engine.prefix_cache
         return {"status": "ok", "running": len(engine.running), "prefilling": len(engine.prefilling),
                 "waiting": len(engine.waiting), "prefix_cache": asdict(cache.stats) if cache is not None else None}
@@ -206,10 +222,14 @@ def create_app(
             raise APIError(400, f"Token ids must be in [0, {engine.config.vocab_size}).", param="tokens")
         return {"prompt": tokenizer.decode(body.tokens)}
 
-    def check_request(body: SamplingFields) -> LoraAdapter | None:
+    def check_request(body: SamplingFields, request: Request) -> LoraAdapter | None:
         """The model exists (returns its adapter, if it is one), every field set is one this server honours (or
         harmlessly ignores), and there is room in the queue."""
         adapter = check_model(body.model)
+        record(request.state, model=body.model)
+        if app.state.draining:
+            raise APIError(503, "The server is shutting down; send the request to another instance or retry later.",
+                           "server_error", "shutting_down")
         unknown = sorted(body.model_extra or {})
         if unknown:
             raise APIError(400, f"Unsupported field(s): {', '.join(unknown)}. This server does not implement "
@@ -282,16 +302,21 @@ def create_app(
             {**entry(t, lp), "top_logprobs": [entry(a, alp) for a, alp in alts]} for t, lp, alts in seq.logprobs
         ]
 
-    def usage(prompt_len: int, seqs: list[Sequence], copies: int) -> dict:
+    def usage(request: Request, prompt_len: int, seqs: list[Sequence], copies: int) -> dict:
         """OpenAI's usage of ``seqs`` in request order, ``copies`` (n or best_of) per prompt: the prompt
-        tokens counted once per prompt, and of those the ones the prefix cache supplied."""
+        tokens counted once per prompt, and of those the ones the prefix cache supplied. Also what the request's
+        access-log line says of them."""
         completion = sum(len(s.output_ids) for s in seqs)
+        firsts = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        record(request.state, prompt_tokens=prompt_len, completion_tokens=completion,
+               first_token=min(firsts, default=None))
         cached = sum(max(s.cached_tokens for s in seqs[i : i + copies]) for i in range(0, len(seqs), copies))
         return {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
                 "prompt_tokens_details": {"cached_tokens": cached}}
 
     def finish_reason(seq: Sequence) -> str:
-        return "length" if seq.finish_reason == "length" else "stop"
+        """OpenAI's finish reason; "abort" (vLLM's) for a request the server stopped (shutting down)."""
+        return {"length": "length", "cancelled": "abort"}.get(seq.finish_reason, "stop")
 
     def check_errors(seqs: list[Sequence]) -> None:
         for seq in seqs:
@@ -308,7 +333,7 @@ def create_app(
     # ----- chat completions -----------------------------------------------------------------------
     @app.post("/v1/chat/completions", dependencies=auth)
     async def chat_completions(body: ChatCompletionRequest, request: Request):
-        adapter = check_request(body)
+        adapter = check_request(body, request)
         if log_requests:
             logger.info("chat request: %s", body.model_dump_json(exclude_none=True))
         try:
@@ -345,17 +370,18 @@ def create_app(
                 message: dict[str, Any] = {"role": "assistant", "content": seq.text}
                 reason = finish_reason(seq)
                 if prompt.functions:
-                    parsed = parse_react(prompt.prefill + seq.text)
+                    parsed = parse_react(prompt.prefill + seq.text, cut=reason == "length")
                     message["content"] = parsed.content
-                    if parsed.call is not None:
-                        message.update(tool_call_message(parsed.call, legacy))
-                        reason = call_reason
+                    if parsed.call is not None:  # the call's Thought is reasoning, not an answer (see _call_deltas)
+                        message.update(content=None, reasoning_content=parsed.content,
+                                       **tool_call_message(parsed.call, legacy))
+                        reason = call_reason if reason != "length" else reason
                 choice = {"index": i, "message": message, "finish_reason": reason, "logprobs": None}
                 if body.logprobs:
                     choice["logprobs"] = {"content": logprob_entries(seq)}
                 choices.append(choice)
             return {"id": rid, "object": "chat.completion", "created": created, "model": body.model,
-                    "choices": choices, "usage": usage(len(prompt.ids), seqs, body.n)}
+                    "choices": choices, "usage": usage(request, len(prompt.ids), seqs, body.n)}
 
         def chunk(index: int, delta: dict, reason: str | None = None, logprobs: Any = None) -> str:
             return json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
@@ -383,9 +409,9 @@ def create_app(
                     check_errors([seq])
                     reason = finish_reason(seq)
                     if prompt.functions:
-                        parsed = react[i].finish()
+                        parsed = react[i].finish(cut=reason == "length")
                         if parsed.call is not None:
-                            reason = call_reason
+                            reason = call_reason if reason != "length" else reason
                             for piece in _call_deltas(parsed, legacy):
                                 yield chunk(i, piece)
                         elif parsed.content:
@@ -394,10 +420,10 @@ def create_app(
             except APIError as exc:
                 yield json.dumps(exc.body())
                 return
+            used = usage(request, len(prompt.ids), [seqs[i] for i in sorted(seqs)], body.n)
             if body.stream_options and body.stream_options.include_usage:
                 yield json.dumps({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                  "model": body.model, "choices": [],
-                                  "usage": usage(len(prompt.ids), [seqs[i] for i in sorted(seqs)], body.n)})
+                                  "model": body.model, "choices": [], "usage": used})
             yield "[DONE]"
 
         return EventSourceResponse(events(), ping=15)
@@ -435,7 +461,7 @@ def create_app(
 
     @app.post("/v1/completions", dependencies=auth)
     async def completions(body: CompletionRequest, request: Request):
-        adapter = check_request(body)
+        adapter = check_request(body, request)
         if log_requests:
             logger.info("completion request: %s", body.model_dump_json(exclude_none=True))
         if body.suffix:
@@ -493,7 +519,7 @@ def create_app(
                                     "finish_reason": finish_reason(seq) if seq else "length",
                                     "logprobs": choice_logprobs(p, seq)})
             return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                    "choices": choices, "usage": usage(prompt_tokens, seqs, best_of)}
+                    "choices": choices, "usage": usage(request, prompt_tokens, seqs, best_of)}
 
         async def events() -> AsyncIterator[str]:
             def chunk(i: int, text: str, reason: str | None, logprobs: dict | None = None) -> str:
@@ -526,10 +552,10 @@ def create_app(
             except APIError as exc:
                 yield json.dumps(exc.body())
                 return
+            used = usage(request, prompt_tokens, [seqs[i] for i in sorted(seqs)], best_of)
             if body.stream_options and body.stream_options.include_usage:
                 yield json.dumps({"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                                  "choices": [], "usage": usage(prompt_tokens, [seqs[i] for i in sorted(seqs)],
-                                                                best_of)})
+                                  "choices": [], "usage": used})
             yield "[DONE]"
 
         return EventSourceResponse(events(), ping=15)
@@ -557,15 +583,20 @@ async def _run(engine: Engine, requests: list[tuple[list[int], SamplingParams]],
 
 
 def _call_deltas(parsed, legacy: bool) -> Iterator[dict]:
-    """Stream one tool call the way OpenAI does: id/type/name first, then the arguments in pieces."""
+    """Stream one tool call the way OpenAI does: id/type/name first, then the arguments in pieces. The ReAct
+    Thought before the call goes first, as ``reasoning_content`` (vLLM's name for it): agent frameworks that
+    stream take the first ``content`` as the final answer and would never run the tool. The non-streamed
+    message puts it in the same field."""
     name, arguments = parsed.call
     pieces = [arguments[i : i + 16] for i in range(0, len(arguments), 16)] or [""]
+    if parsed.content:
+        yield {"reasoning_content": parsed.content}
     if legacy:
-        yield {"content": parsed.content, "function_call": {"name": name, "arguments": ""}}
+        yield {"function_call": {"name": name, "arguments": ""}}
         for piece in pieces:
             yield {"function_call": {"arguments": piece}}
         return
-    yield {"content": parsed.content, "tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}",
-                                                      "type": "function", "function": {"name": name, "arguments": ""}}]}
+    yield {"tool_calls": [{"index": 0, "id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                           "function": {"name": name, "arguments": ""}}]}
     for piece in pieces:
         yield {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}

@@ -16,6 +16,7 @@ from ..loading import (
     add_prefix_cache_arg,
     front_end_checkpoint,
     load_model,
+    non_negative_float,
     positive_int,
     prefix_cache_bytes,
 )
@@ -60,8 +61,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-loras", type=non_negative_int, default=4,
                    help="the most LoRA adapters loaded at once, from --lora and POST /v1/load_lora_adapter; 0 turns "
                         "loading at run time off (default: %(default)s, or the number of --lora if more)")
+    p.add_argument("--shutdown-timeout", type=non_negative_float, default=25.0, metavar="SECONDS",
+                   help="on SIGTERM or Ctrl-C: new requests get 503 while running ones finish, for at most this long; "
+                        "those still running then end with finish_reason \"abort\", and the server exits 0. A second "
+                        "signal stops at once (default: %(default)s; docker stop waits 10 s unless given -t)")
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
     p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
+    p.add_argument("--metrics-public", action="store_true",
+                   help="serve GET /metrics (Prometheus) without the API keys, for a scraper in a trusted network")
+    p.add_argument("--log-format", choices=["text", "json"], default="text",
+                   help="the access log's lines (one per request: id, route, status, tokens, time to first token, "
+                        "duration; never prompt text): key=value text, or one JSON object each (default: %(default)s)")
     add_model_args(p)
     return p.parse_args(argv)
 
@@ -106,9 +116,12 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
 
     from qwen.engine import Engine
     from qwen.lora import AdapterError, AdapterRegistry, enable_lora
+    from qwen.serve.access_log import log_to_stderr
     from qwen.serve.app import create_app
+    from qwen.serve.shutdown import DrainingServer
 
     logging.basicConfig(level=logging.INFO)
+    log_to_stderr(args.log_format == "json")
     try:
         model, tokenizer = load_model(path, args)
     except (OSError, ValueError) as exc:
@@ -148,13 +161,19 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
         basic_auth=args.api_auth,
         cors_origins=[o for o in args.cors_origins.split(",") if o],
         log_requests=args.log_requests,
+        log_json=args.log_format == "json",
+        metrics_public=args.metrics_public,
         max_queue=args.max_queue,
         adapters=adapters,
     )
     if args.disable_gc:
         gc.freeze()
         gc.disable()
-    uvicorn.run(app, host=args.server_name, port=args.server_port)
+    # qwen.serve.access_log writes one line per request with more in it than uvicorn's own access log
+    config = uvicorn.Config(app, host=args.server_name, port=args.server_port, access_log=False,
+                            timeout_graceful_shutdown=5)
+    DrainingServer(config, app, engine, args.shutdown_timeout).run()
+
 
 
 if __name__ == "__main__":

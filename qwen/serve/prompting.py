@@ -297,7 +297,7 @@ def build_chat_prompt(tokenizer, request: ChatCompletionRequest) -> ChatPrompt:
 @dataclass
 class ParsedReply:
     content: str | None
-    call: tuple[str, str] | None  # (name, JSON arguments)
+    call: tuple[str, str] | None  # (name, JSON arguments; a cut-off call's: the partial text as written)
 
 
 def json_arguments(text: str) -> str:
@@ -310,9 +310,11 @@ def json_arguments(text: str) -> str:
         return json.dumps(text, ensure_ascii=False)
 
 
-def parse_react(text: str) -> ParsedReply:
+def parse_react(text: str, cut: bool = False) -> ParsedReply:
     """The last ``Action:``/``Action Input:`` pair becomes the call (its Thought the content);
-    otherwise the text after the last ``Final Answer:`` is the reply."""
+    otherwise the text after the last ``Final Answer:`` is the reply. ``cut``: the reply ended at the
+    length limit, so a call's arguments are the partial text the model wrote (OpenAI reports such a call
+    with finish_reason "length" and its raw arguments), not wrapped into a JSON string."""
     i, j = text.rfind("\nAction:"), text.rfind("\nAction Input:")
     if text.startswith("Action:") and i < 0:
         text, i, j = "\n" + text, 0, text.rfind("\nAction Input:") + 1
@@ -325,7 +327,7 @@ def parse_react(text: str) -> ParsedReply:
             thought = text[:i]
             t = thought.find("Thought:")
             content = thought[t + len("Thought:") :].strip() if t >= 0 else thought.strip()
-            return ParsedReply(content or None, (name, json_arguments(args)))
+            return ParsedReply(content or None, (name, args.strip() if cut else json_arguments(args)))
     for marker in ("\nFinal Answer:", "Final Answer:", "\nFinal answer:"):
         z = text.rfind(marker)
         if z >= 0:
@@ -361,8 +363,8 @@ class ReactStream:
         self.released = len(self.text)
         return out
 
-    def finish(self) -> ParsedReply:
-        """The parsed reply, with ``content`` reduced to what was not released yet."""
+    def finish(self, cut: bool = False) -> ParsedReply:
+        """The parsed reply (``cut``: see ``parse_react``), with ``content`` reduced to what was not released yet."""
         if self.released is not None:
             return ParsedReply(self.text[self.released :].rstrip(), None)
-        return parse_react(self.text)
+        return parse_react(self.text, cut)
