@@ -359,7 +359,9 @@ class Engine:
                 self._finish(seq, "cancelled")
             admitted = []
             while self.waiting and len(self.running) + len(self.prefilling) + len(admitted) < self.max_batch_size:
-                admitted.append(self.waiting.popleft())
+                seq = min(self.waiting, key=lambda s: s.params.priority)  # the first of the most urgent
+                self.waiting.remove(seq)
+                admitted.append(seq)
         for seq in admitted:
             self._admit(seq)
         if self.prefilling:

@@ -37,6 +37,9 @@ class SamplingParams:
     # A grammar from ``qwen.grammar`` (e.g. ``response_format_grammar``) the output must follow; the
     # sequence stops ("stop") when it is complete, and <|endoftext|>/<|im_end|> only end it then.
     grammar: str | None = None
+    # Scheduling rather than sampling: when batch slots are scarce, waiting requests with a lower value are
+    # admitted first (vLLM's --scheduling-policy priority); equal values keep their order of arrival.
+    priority: int = 0
 
     @property
     def greedy(self) -> bool:

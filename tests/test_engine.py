@@ -787,3 +787,16 @@ def test_to_qwen2_same_logits(tiny_model, tokenizer, prompts, refs):
     out = qwen2.generate(torch.tensor([prompts[1]]), max_new_tokens=N, do_sample=False, eos_token_id=None,
                          pad_token_id=0)
     assert out[0, len(prompts[1]):].tolist() == refs[1]
+
+
+def test_priority_admits_the_most_urgent_waiting_request_first(tiny_model, tokenizer):
+    """One batch slot, four requests waiting: lower priority values run first, equal ones in arrival order."""
+    engine = Engine(tiny_model, tokenizer, max_batch_size=1)
+    priorities = {"a": 0, "b": 5, "c": -1, "d": 5}
+    seqs = {name: engine.submit(tokenizer.encode(f"request {name}"), greedy(3, priority=p))
+            for name, p in priorities.items()}
+    while engine.step():
+        pass
+    order = sorted(seqs, key=lambda name: seqs[name].first_token_time)
+    assert order == ["c", "a", "b", "d"]
+    assert all(len(s.output_ids) == 3 for s in seqs.values())

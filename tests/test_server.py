@@ -915,7 +915,7 @@ def test_request_ids_and_the_json_access_log(tiny_chat, tmp_path):
     secret = "a prompt that must not reach the log"
     with ServerProcess(tiny_chat, "--model-name", MODEL, "--log-format", "json", "--api-keys", "k", log=log) as server:
         auth = {"Authorization": "Bearer k"}
-        chat = {"model": MODEL, "messages": [{"role": "user", "content": secret}], "max_tokens": 5}
+        chat = {"model": MODEL, "messages": [{"role": "user", "content": secret}], "max_tokens": 5, "priority": -2}
         mine = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60,
                           headers={**auth, "X-Request-Id": "trace-42"})
         assert mine.status_code == 200 and mine.headers["x-request-id"] == "trace-42"

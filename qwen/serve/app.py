@@ -278,6 +278,7 @@ def create_app(
             logprobs=logprobs,
             logit_bias={int(token): bias for token, bias in body.logit_bias.items()} if body.logit_bias else None,
             grammar=grammar,
+            priority=body.priority,
         )
         # Choice i draws with seed + i; any integer a client sends maps into the generator's range.
         params = [SamplingParams(**base, seed=None if body.seed is None else (body.seed + i) % 2**63)

@@ -124,6 +124,8 @@ class SamplingFields(BaseModel):
     response_format: ResponseFormat | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # vLLM's: when batch slots are scarce, lower values are admitted first (default 0; ties in arrival order)
+    priority: int = Field(0, ge=-(2**31), le=2**31 - 1)
     # Accepted and ignored, as OpenAI-compatible servers do: they do not change the output.
     user: str | None = None
     metadata: dict[str, Any] | None = None
