@@ -397,7 +397,7 @@ def test_auth_basic(auth_server):
 
 
 def test_auth_non_ascii_credentials_are_401(auth_server):
-    """BUG (qwen/serve/app.py): secrets.compare_digest raises TypeError on non-ASCII str -> 500."""
+    """BUG (the API-key check, qwen/serve/state.py): compare_digest raised TypeError on non-ASCII str -> 500."""
     models = f"{auth_server.url}/v1/models"
     assert httpx.get(models, headers={"Authorization": b"Bearer \xe9"}).status_code == 401
     assert httpx.get(models, auth=("us\u00e9r", "pw")).status_code == 401

@@ -1,0 +1,8 @@
+"""The server's routes, a FastAPI ``APIRouter`` per group (``create_app`` includes them all):
+
+- ``chat``: POST /v1/chat/completions
+- ``completions``: POST /v1/completions
+- ``models``: GET /v1/models, GET /v1/models/{model_id}, POST /v1/load_lora_adapter, POST /v1/unload_lora_adapter
+- ``tokenize``: GET /tokenizer_info, POST /tokenize, POST /detokenize
+- ``admin``: GET /health, GET /metrics
+"""
