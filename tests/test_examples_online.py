@@ -313,6 +313,30 @@ def test_agent_framework_smolagents(server):
     assert out.rstrip().endswith("=== Answer: 52")
 
 
+def test_openai_agents_sdk_runs_a_tool_over_the_responses_api(server):
+    """The OpenAI Agents SDK (openai-agents) with its Responses API model against our server: the scripted model
+    calls the agent's function tool, the SDK runs it and sends the result back, the model answers with it."""
+    agents = pytest.importorskip("agents")
+    from openai import AsyncOpenAI
+
+    calls = []
+
+    @agents.function_tool
+    def calculator(expression: str) -> str:
+        """Evaluate an arithmetic expression."""
+        calls.append(expression)
+        return "52"
+
+    server.script(tool_user(calculator_call, final_answer))
+    agents.set_tracing_disabled(True)
+    model = agents.OpenAIResponsesModel(model="tiny-chat", openai_client=AsyncOpenAI(base_url=server.url, api_key="x"))
+    agent = agents.Agent(name="calc", instructions="Use the calculator for arithmetic.", tools=[calculator],
+                         model=model)
+    result = agents.Runner.run_sync(agent, EXPRESSION)
+    assert calls == [EXPRESSION]
+    assert result.final_output == "the tool said 52"
+
+
 # ----- system prompts, batches, vLLM ---------------------------------------------------------------
 
 

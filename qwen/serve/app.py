@@ -22,7 +22,7 @@ from ..lora import AdapterRegistry
 from .access_log import AccessLog
 from .errors import install_error_handlers
 from .metrics import Metrics
-from .routes import admin, chat, completions, models, tokenize
+from .routes import admin, chat, completions, models, responses_api, tokenize
 from .state import ServerState
 
 
@@ -62,6 +62,6 @@ def create_app(
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])
     install_error_handlers(app)
-    for group in (admin, models, tokenize, chat, completions):
+    for group in (admin, models, tokenize, chat, completions, responses_api):
         app.include_router(group.router)
     return app

@@ -195,3 +195,28 @@ class LoadLoraRequest(_Lenient):
 
 class UnloadLoraRequest(_Lenient):
     lora_name: str = Field(min_length=1)
+
+
+class ResponsesRequest(BaseModel):
+    """``POST /v1/responses`` (OpenAI's Responses API), the fields this server serves; it runs as the chat
+    completion these fields translate to (``routes.responses_api``). Unknown fields are refused by name."""
+
+    model_config = ConfigDict(extra="allow")
+
+    model: str
+    input: str | list[dict[str, Any]] = Field(min_length=1)
+    instructions: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    text: dict[str, Any] | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    # Accepted and ignored: they do not change the output (nothing is stored: previous_response_id is refused).
+    store: bool | None = None
+    metadata: dict[str, Any] | None = None
+    user: str | None = None
+    parallel_tool_calls: bool | None = None
+    previous_response_id: str | None = None
+    include: list[str] | None = None  # extra output data to include: none is offered, so only [] is served
