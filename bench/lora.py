@@ -207,7 +207,7 @@ def layer_bench(hidden: int, ranks: list[int], repeats: int) -> list[dict]:
         small = delta_dtype(torch.device("cpu"), dtype)  # as load_lora keeps them
         downs = (torch.randn(MIXED, rank, hidden, generator=generator) * 0.02).to(small)
         ups = (torch.randn(MIXED, out_features, rank, generator=generator) * 0.04).to(small)
-        adapters = [LoraAdapter(f"a{i}", Path(f"a{i}"), rank, None, {"c_attn": [Delta(downs[i], ups[i], slice(None))]})
+        adapters = [LoraAdapter(f"a{i}", Path(f"a{i}"), None, {"c_attn": [Delta(downs[i], ups[i], slice(None))]})
                     for i in range(MIXED)]
         for batch in (1, 8):
             x = torch.randn(batch, hidden, generator=generator).to(dtype)

@@ -24,6 +24,7 @@ Python use::
 from __future__ import annotations
 
 import json
+import logging
 import re
 import threading
 import uuid
@@ -36,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+logger = logging.getLogger(__name__)
 LINEAR_TARGETS = ("c_attn", "c_proj", "w1", "w2", "lm_head")
 EMBEDDING_TARGETS = ("wte",)
 PEFT_PREFIX = "base_model.model."
@@ -65,7 +67,6 @@ class LoraAdapter:
 
     name: str
     path: Path
-    rank: int
     base_model: str | None  # adapter_config.json's base_model_name_or_path
     deltas: dict[str, list[Delta]] = field(default_factory=dict)
     replaced: dict[str, torch.Tensor] = field(default_factory=dict)  # modules_to_save: layer -> whole weight
@@ -75,6 +76,11 @@ class LoraAdapter:
     def nbytes(self) -> int:
         tensors = [t for ds in self.deltas.values() for d in ds for t in (d.down, d.up)] + list(self.replaced.values())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    @property
+    def rank(self) -> int:
+        """The largest rank of its matrices (0 for an adapter of whole layers only)."""
+        return max((d.up.shape[1] for ds in self.deltas.values() for d in ds), default=0)
 
     @property
     def targets(self) -> list[str]:
@@ -146,9 +152,11 @@ class LoraLayer(nn.Module):
             part = x if rows is None else x.index_select(0, rows)
             if rows is not None and self.name in adapter.replaced:
                 y.index_copy_(0, rows, self._apply_weight(part, adapter.replaced[self.name]))
-            for delta in adapter.deltas.get(self.name, ()):
-                down = self._apply_weight(part if self.embedding else part.to(delta.down.dtype), delta.down)
-                update = F.linear(down, delta.up)
+            deltas = adapter.deltas.get(self.name, ())
+            if deltas and not self.embedding:
+                part = part.to(deltas[0].down.dtype)  # (an adapter's matrices share one dtype, see delta_dtype)
+            for delta in deltas:
+                update = F.linear(self._apply_weight(part, delta.down), delta.up)
                 target = y[..., delta.out]
                 if rows is None:
                     target.add_(update)
@@ -290,7 +298,7 @@ def load_lora(model: nn.Module, path: str | Path, name: str | None = None) -> Lo
     if not pairs and not replaced:
         raise AdapterError(f"{folder}: the adapter's weights file holds no LoRA matrices")
 
-    adapter = LoraAdapter(name or folder.resolve().name, folder, int(config.get("r", 0)), base_model)
+    adapter = LoraAdapter(name or folder.resolve().name, folder, base_model)
     for module, pair in sorted(pairs.items()):
         if set(pair) != {"lora_A", "lora_B"}:
             raise AdapterError(f"{folder}: {module} has only {', '.join(pair)}; the weights file is incomplete")
@@ -326,7 +334,6 @@ def load_lora(model: nn.Module, path: str | Path, name: str | None = None) -> Lo
         weight, own = weight.to(device, dtype), layer.weight
         if not (own.dtype == dtype and own.shape == weight.shape and torch.equal(weight, own)):
             adapter.replaced[module] = weight  # (an unchanged base layer costs no memory)
-    adapter.rank = max((d.up.shape[1] for ds in adapter.deltas.values() for d in ds), default=adapter.rank)
     return adapter
 
 
@@ -360,6 +367,8 @@ class AdapterRegistry:
             raise
         with self._lock:
             self.adapters[name] = adapter
+        logger.info("LoRA adapter %r loaded from %s (rank %d, %s, %.1f MiB)", name, adapter.path, adapter.rank,
+                    "+".join(adapter.targets), adapter.nbytes / 2**20)
         return adapter
 
     def unload(self, name: str) -> None:

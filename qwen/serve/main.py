@@ -133,11 +133,9 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
         adapters = AdapterRegistry(model, name, max_loras)
         for lora_name, folder in args.lora:
             try:
-                adapter = adapters.load(lora_name, folder)
+                adapters.load(lora_name, folder)
             except AdapterError as exc:
                 sys.exit(f"error: --lora {lora_name}={folder}: {exc}")
-            logging.info("LoRA adapter %r: %s (rank %d, %s, %.1f MiB)", lora_name, folder, adapter.rank,
-                         "+".join(adapter.targets), adapter.nbytes / 2**20)
         if args.compile:
             enable_lora(model)  # before compiling: an adapter loaded later then leaves the compiled graphs as they are
     engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,

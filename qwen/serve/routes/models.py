@@ -53,8 +53,6 @@ async def load_lora_adapter(body: LoadLoraRequest, state: State) -> PlainTextRes
         adapter = await asyncio.to_thread(registry(state).load, body.lora_name, body.lora_path)
     except AdapterError as exc:
         raise APIError(400, f"Cannot load LoRA adapter {body.lora_name!r}: {exc}", param="lora_path") from None
-    logger.info("LoRA adapter %r loaded from %s (rank %d, %s, %.1f MiB)", adapter.name, adapter.path,
-                adapter.rank, "+".join(adapter.targets), adapter.nbytes / 2**20)
     return PlainTextResponse(f"Success: LoRA adapter '{adapter.name}' added successfully.")
 
 
