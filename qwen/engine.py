@@ -100,7 +100,9 @@ class Sequence:
     text: str = ""
     emitted: int = 0  # characters of text already handed to on_event
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop", "length", "cancelled" or "error: ..."
+    # "stop", "length", "cancelled", "grammar" (no token the grammar allows was possible: a request that cannot be
+    # served as asked) or "error: ..." (the engine failed)
+    finish_reason: str | None = None
     cancelled: bool = False
     slot: int = -1
     generator: torch.Generator | None = None
@@ -620,11 +622,14 @@ class Engine:
 
     def _advance(self, seq: Sequence, token: int, logprob: float, top, row: int) -> None:
         params, matcher = seq.params, seq.matcher
+        if matcher is not None and matcher.is_error():  # a grammar with no way on (e.g. an empty regex)
+            self._grammar_dead_end(seq)
+            return
         if token in params.stop_token_ids or (matcher is not None and token in self._grammars.end_ids):
             self._finish(seq, "stop")
             return
-        if matcher is not None and not matcher.consume_token(token):  # only past llguidance's limits
-            self._finish(seq, f"error: the grammar failed: {matcher.get_error()}")
+        if matcher is not None and not matcher.consume_token(token):  # every allowed token had -inf logits
+            self._grammar_dead_end(seq)
             return
         seq.output_ids.append(token)
         if params.logprobs is not None:
@@ -642,6 +647,10 @@ class Engine:
             self._finish(seq, "length")
         else:
             self._emit(seq, stable_text(seq.text, params.stop), False)
+
+    def _grammar_dead_end(self, seq: Sequence) -> None:
+        logger.info("request %d: no token its grammar allows was possible (%s)", seq.id, seq.matcher.get_error())
+        self._finish(seq, "grammar")
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.finish_reason = reason

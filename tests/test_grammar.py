@@ -120,6 +120,15 @@ def test_invalid_grammar_raises_on_submit(engine, prompt):
 # ----- grammar-constrained generation -------------------------------------------------------------
 
 
+def test_a_grammar_with_no_way_on_finishes_grammar_not_stop(engine, prompt, stops):
+    """A regex that no string matches compiles, but its matcher can allow nothing but the end of the reply: the
+    sequence finishes "grammar" (the server's 400), never "stop" with an empty reply that the grammar rejects."""
+    [seq] = engine.generate([prompt], params(stops, grammar=regex_grammar(r"[^\s\S]")))
+    assert seq.finish_reason == "grammar" and seq.output_ids == []
+    [seq] = engine.generate([prompt], params(stops, grammar=regex_grammar("[ab]{3}")))
+    assert seq.finish_reason == "stop" and len(seq.text) == 3 and set(seq.text) <= {"a", "b"}
+
+
 def test_schemas_validate_batched_with_unconstrained_requests(engine, tokenizer, prompt, stops):
     """Every schema x greedy/sampled, in one batch with plain requests that decode as if alone."""
     plain_prompts = [tokenizer.encode("Hello"), tokenizer.encode("Once upon a time")]

@@ -7,6 +7,7 @@ tokenizer, engine and HTTP stack.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import subprocess
@@ -611,14 +612,15 @@ class ScriptedHead(nn.Module):
         self.vocab, self.end_id = vocab, end_id
         self.script: list[int] = []
         self.calls = 0
+        self.rest = 0.0  # the logit of every token off the script: -inf for a model certain of its next token
 
-    def load(self, ids: list[int]) -> None:
-        self.script, self.calls = list(ids), 0
+    def load(self, ids: list[int], certain: bool = False) -> None:
+        self.script, self.calls, self.rest = list(ids), 0, float("-inf") if certain else 0.0
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         token = self.script[self.calls] if self.calls < len(self.script) else self.end_id
         self.calls += 1
-        logits = torch.zeros(hidden.shape[0], self.vocab, dtype=torch.float32, device=hidden.device)
+        logits = torch.full((hidden.shape[0], self.vocab), self.rest, dtype=torch.float32, device=hidden.device)
         logits[:, token] = 100.0
         return logits
 
@@ -628,9 +630,9 @@ class Scripted:
         self.url, self.head, self.tokenizer = url, head, tokenizer
         self.client = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0, timeout=60)
 
-    def reply(self, text: str) -> None:
-        """The model's next reply is ``text`` (then <|im_end|>)."""
-        self.head.load(self.tokenizer.encode(text))
+    def reply(self, text: str, certain: bool = False) -> None:
+        """The model's next reply is ``text`` (then <|im_end|>); ``certain``: every other token has -inf logits."""
+        self.head.load(self.tokenizer.encode(text), certain)
 
 
 @pytest.fixture(scope="module")
@@ -743,6 +745,32 @@ def test_a_call_cut_by_max_tokens_ends_length_with_the_raw_partial_arguments(scr
         reason, [call] = out.choices[0].finish_reason, out.choices[0].message.tool_calls
         arguments = call.function.arguments
     assert reason == "length" and arguments == partial
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("ask", ["forced call", "schema", "schema, sampled"])
+def test_a_grammar_that_cannot_go_on_is_a_400_not_a_500(scripted, ask, stream):
+    """When every token a grammar allows next has -inf logits (here a model certain of a reply the grammar forbids),
+    the request ends with a 400 that says why, not a 500 or a reply that breaks the schema."""
+    scripted.reply("Plain words, not a call and not JSON.", certain=True)
+    body = dict(model=MODEL, messages=QUESTION, stream=stream, **GREEDY)
+    if ask == "forced call":
+        body.update(tools=TOOLS, tool_choice="required")
+    else:
+        body.update(response_format={"type": "json_schema",
+                                     "json_schema": {"name": "weather", "schema": WEATHER["parameters"]}})
+    if ask.endswith("sampled"):
+        body.update(temperature=0.8, top_p=0.9, seed=1)
+    with pytest.raises(openai.APIError, match="no token the format allows next was possible") as caught:
+        out = scripted.client.chat.completions.create(**body)
+        if stream:
+            list(out)
+    if not stream:  # a stream has sent its 200 before the error event
+        assert isinstance(caught.value, openai.BadRequestError)
+    scripted.reply(ARGS)  # the server goes on serving
+    out = scripted.client.chat.completions.create(model=MODEL, messages=QUESTION,
+                                                  response_format={"type": "json_object"}, **GREEDY)
+    assert json.loads(out.choices[0].message.content) == {"city": "Paris"}
 
 
 @pytest.mark.parametrize("reply", [ACTION, ANSWER, "Just text, no ReAct at all."])
@@ -1035,3 +1063,42 @@ def test_sigterm_drains_streams_then_exits_0(tiny_chat, tmp_path, timeout):
     reasons = {reason for reason, _ in results}
     assert None not in reasons and reasons <= {"length", "stop", "abort"}
     assert ("abort" in reasons) == long, reasons
+
+
+def test_a_second_signal_stops_at_once(tiny_chat, tmp_path):
+    """Ctrl-C starts draining (streams would get up to --shutdown-timeout, here 300 s, to finish); a second Ctrl-C
+    stops the process at once, streams cut."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    log = tmp_path / "server.log"
+    with ServerProcess(tiny_chat, "--model-name", MODEL, "--shutdown-timeout", "300", log=log) as server:
+
+        def stream() -> bool:
+            """Whether the stream ended with [DONE]."""
+            body = {"model": MODEL, "prompt": "story", "stream": True, "max_tokens": 4000, "repetition_penalty": 1.0}
+            lines = []
+            with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", server.url + "/v1/completions", json=body,
+                                                                    timeout=120) as response:
+                lines.extend(response.iter_lines())
+            return "data: [DONE]" in lines
+
+        with ThreadPoolExecutor(2) as pool:
+            futures = [pool.submit(stream) for _ in range(2)]
+            deadline = time.monotonic() + 60
+            while httpx.get(server.url + "/health", timeout=10).json()["running"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            server.proc.send_signal(signal.SIGINT)
+            deadline = time.monotonic() + 30
+            while "signal again to stop at once" not in log.read_text():
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            assert server.proc.poll() is None  # draining: the streams still run
+            started = time.monotonic()
+            server.proc.send_signal(signal.SIGINT)
+            server.proc.wait(60)
+            stopped_in = time.monotonic() - started
+            ended = [f.result() for f in futures]
+    assert not any(ended) and stopped_in < 30, (ended, stopped_in)
+    assert "second signal: stopping now" in log.read_text()

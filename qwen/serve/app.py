@@ -22,6 +22,7 @@ from ..lora import AdapterRegistry
 from .access_log import AccessLog
 from .errors import install_error_handlers
 from .metrics import Metrics
+from .response_store import ResponseStore
 from .routes import admin, chat, completions, models, responses_api, tokenize
 from .state import ServerState
 
@@ -38,13 +39,15 @@ def create_app(
     metrics_public: bool = False,
     max_queue: int | None = None,
     adapters: AdapterRegistry | None = None,
+    max_stored_responses: int = 1000,
 ) -> FastAPI:
     """Build the app around an engine (started and stopped with the app). With ``max_queue``, a request
     arriving while that many wait for a batch slot is answered 503 at once (with Retry-After), so an
     overload shows as quick refusals instead of ever-growing latency and memory. ``adapters``: the LoRA
     adapters a request's ``model`` may name (loaded and unloaded at run time; none: the base model only).
     ``log_json``: the access log's lines as JSON (see ``access_log``); ``metrics_public``: ``/metrics`` answers
-    without the API keys (for a scraper inside a trusted network)."""
+    without the API keys (for a scraper inside a trusted network); ``max_stored_responses``: how many Responses API
+    responses are kept for ``previous_response_id`` (0: none)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -57,7 +60,8 @@ def create_app(
     metrics = Metrics(engine)
     app.state.server = ServerState(engine, model_name, metrics, adapters=adapters, max_queue=max_queue,
                                    log_requests=log_requests, api_keys=set(api_keys or ()), basic_auth=basic_auth,
-                                   metrics_public=metrics_public)
+                                   metrics_public=metrics_public,
+                                   responses=ResponseStore(max_stored_responses))
     app.add_middleware(AccessLog, json_format=log_json, on_response=metrics.response)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cors_origins, allow_methods=["*"], allow_headers=["*"])

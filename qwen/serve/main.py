@@ -65,6 +65,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on SIGTERM or Ctrl-C: new requests get 503 while running ones finish, for at most this long; "
                         "those still running then end with finish_reason \"abort\", and the server exits 0. A second "
                         "signal stops at once (default: %(default)s; docker stop waits 10 s unless given -t)")
+    p.add_argument("--max-stored-responses", type=non_negative_int, default=1000, metavar="N",
+                   help="Responses API responses kept in memory for previous_response_id and GET /v1/responses/ID, "
+                        "the most recently used first; 0 keeps none (default: %(default)s)")
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")
     p.add_argument("--log-requests", action="store_true", help="log request bodies (prompts!)")
     p.add_argument("--metrics-public", action="store_true",
@@ -159,6 +162,7 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
         basic_auth=args.api_auth,
         cors_origins=[o for o in args.cors_origins.split(",") if o],
         log_requests=args.log_requests,
+        max_stored_responses=args.max_stored_responses,
         log_json=args.log_format == "json",
         metrics_public=args.metrics_public,
         max_queue=args.max_queue,

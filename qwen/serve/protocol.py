@@ -213,10 +213,10 @@ class ResponsesRequest(BaseModel):
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     stream: bool = False
-    # Accepted and ignored: they do not change the output (nothing is stored: previous_response_id is refused).
-    store: bool | None = None
+    store: bool | None = None  # False: not kept for GET or previous_response_id (default: kept)
+    previous_response_id: str | None = None
+    # Accepted and ignored: they do not change the output.
     metadata: dict[str, Any] | None = None
     user: str | None = None
     parallel_tool_calls: bool | None = None
-    previous_response_id: str | None = None
     include: list[str] | None = None  # extra output data to include: none is offered, so only [] is served

@@ -42,9 +42,17 @@ async def run_to_completion(engine: Engine, requests: list[tuple[list[int], Samp
     return [seqs[i] for i in range(len(requests))]
 
 
+GRAMMAR_DEAD_END = ("The reply cannot go on in the required format (response_format's schema, or a forced tool "
+                    "call's arguments): no token the format allows next was possible (the model gives them all "
+                    "-inf logits, or the format has no way on). Loosen the schema, or ask without it.")
+
+
 def check_errors(seqs: list[Sequence]) -> None:
-    """A 500 if the engine failed to generate any of ``seqs``."""
+    """A 400 if one of ``seqs`` could not follow its grammar (the request asked for the impossible), a 500 if the
+    engine failed to generate one."""
     for seq in seqs:
+        if seq.finish_reason == "grammar":
+            raise APIError(400, GRAMMAR_DEAD_END)
         if seq.finish_reason and seq.finish_reason.startswith("error"):
             raise APIError(500, f"Generation failed: {seq.finish_reason[7:]}", "server_error")
 

@@ -20,6 +20,7 @@ from ..engine import Engine
 from ..lora import AdapterRegistry
 from .errors import APIError
 from .metrics import Metrics
+from .response_store import ResponseStore
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -42,6 +43,7 @@ class ServerState:
     api_keys: set[str] = field(default_factory=set)
     basic_auth: str | None = None
     metrics_public: bool = False
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore(1000))
     created_at: int = field(default_factory=lambda: int(time.time()))
     tokenizer: QWenTokenizer = field(init=False)
     generation: GenerationConfig = field(init=False)

@@ -53,9 +53,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request, state:
                                 "send one of them.", param="response_format")
         try:
             call_grammar = lark_grammar(forced)
-        except ValueError as exc:  # a strict function's schema has a keyword that cannot be enforced
-            raise APIError(400, f"A forced call's arguments cannot follow the strict parameters schema: {exc}. "
-                                "Drop the keyword, or send strict: false for best effort.", param="tools") from None
+        except ValueError as exc:  # an unsatisfiable schema, or a strict one with a keyword that cannot be enforced
+            raise APIError(400, f"A forced call's arguments cannot follow the tool's parameters schema: {exc}. Fix "
+                                "the schema (with strict: false a keyword that cannot be enforced is ignored).",
+                           param="tools") from None
         for p in params:
             p.grammar = call_grammar
     legacy = bool(body.functions) and not body.tools

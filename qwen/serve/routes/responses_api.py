@@ -7,8 +7,9 @@ flat function ``tools``; ``text.format`` -> ``response_format``; ``max_output_to
 ``routes.chat``; its answer, or its stream of chunks, becomes a ``response`` object with ``message`` and
 ``function_call`` output items, or the Responses stream events (``response.created`` ...
 ``response.output_text.delta`` ... ``response.completed``). A reply cut by ``max_output_tokens`` is
-``status: "incomplete"``. Nothing is stored: ``previous_response_id`` is refused (send the conversation in
-``input``).
+``status: "incomplete"``. Responses are stored (unless ``store: false``) in a bounded in-memory store
+(``response_store``): ``previous_response_id`` continues one (its conversation, not its ``instructions``, as OpenAI
+does), ``GET`` and ``DELETE /v1/responses/{id}`` read and remove one.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -47,9 +48,13 @@ def _text(content: Any) -> str:
     raise APIError(400, "An input message needs content: a string or a list of input_text parts.", param="input")
 
 
-def _messages(body: ResponsesRequest) -> list[dict]:
-    messages = [{"role": "system", "content": body.instructions}] if body.instructions else []
-    items = [{"role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+def _input_items(body: ResponsesRequest) -> list[dict]:
+    """The request's input as items (a text input is one user message)."""
+    return [{"type": "message", "role": "user", "content": body.input}] if isinstance(body.input, str) else body.input
+
+
+def _messages(instructions: str | None, items: list[dict]) -> list[dict]:
+    messages = [{"role": "system", "content": instructions}] if instructions else []
     for item in items:
         kind = item.get("type", "message")
         if kind == "message":
@@ -99,8 +104,9 @@ def _response_format(text: dict | None) -> dict | None:
     return fmt
 
 
-def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
-    """The chat completion a Responses request asks for; 400 for what it cannot express."""
+def chat_request(body: ResponsesRequest, items: list[dict]) -> ChatCompletionRequest:
+    """The chat completion a Responses request asks for, ``items`` being its conversation (earlier turns' items,
+    then its input); 400 for what it cannot express."""
     unknown = sorted(body.model_extra or {})
     if unknown:
         raise APIError(400, f"Unsupported field(s): {', '.join(unknown)}. This server does not implement them; "
@@ -108,10 +114,7 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
     if body.include:
         raise APIError(400, f"include {body.include} is not supported: this server adds no extra output data.",
                        param="include")
-    if body.previous_response_id:
-        raise APIError(400, "previous_response_id is not supported: this server stores no responses. Send the "
-                            "conversation so far in input.", param="previous_response_id")
-    fields = {"model": body.model, "messages": _messages(body), "tools": _tools(body),
+    fields = {"model": body.model, "messages": _messages(body.instructions, items), "tools": _tools(body),
               "tool_choice": _tool_choice(body.tool_choice), "response_format": _response_format(body.text),
               "max_completion_tokens": body.max_output_tokens, "temperature": body.temperature,
               "top_p": body.top_p, "stream": body.stream, "stream_options": {"include_usage": True}}
@@ -125,8 +128,8 @@ def chat_request(body: ResponsesRequest) -> ChatCompletionRequest:
 class _Builder:
     """The response object, and its output items as they stream in."""
 
-    def __init__(self, body: ResponsesRequest) -> None:
-        self.body, self.output, self.usage = body, [], None
+    def __init__(self, body: ResponsesRequest, stored: bool) -> None:
+        self.body, self.stored, self.output, self.usage = body, stored, [], None
         self.id, self.created = f"resp_{uuid.uuid4().hex}", int(time.time())
         self.status, self.incomplete = "in_progress", None
 
@@ -149,7 +152,8 @@ class _Builder:
                 "max_output_tokens": body.max_output_tokens, "temperature": body.temperature, "top_p": body.top_p,
                 "tools": body.tools or [], "tool_choice": body.tool_choice or "auto",
                 "parallel_tool_calls": bool(body.parallel_tool_calls), "metadata": body.metadata or {},
-                "text": body.text or {"format": {"type": "text"}}, "store": False}
+                "text": body.text or {"format": {"type": "text"}}, "store": self.stored,
+                "previous_response_id": body.previous_response_id}
 
 
 def message_item(text: str, status: str = "completed") -> dict:
@@ -164,8 +168,23 @@ def call_item(call_id: str, name: str, arguments: str, status: str = "completed"
 
 @router.post("/v1/responses", response_model=None)
 async def responses(body: ResponsesRequest, request: Request, state: State) -> dict | EventSourceResponse:
-    chat_body = chat_request(body)
-    built = _Builder(body)
+    history: list[dict] = []
+    if body.previous_response_id:
+        entry = state.responses.get(body.previous_response_id)
+        if entry is None:
+            raise APIError(400, f"Previous response with id '{body.previous_response_id}' not found. This server "
+                                f"keeps the last {state.responses.max_entries} responses stored without store: false, "
+                                "in memory until it restarts; send the conversation in input instead.",
+                           param="previous_response_id", code="previous_response_not_found")
+        history = entry[1]
+    items = history + _input_items(body)
+    chat_body = chat_request(body, items)
+    built = _Builder(body, stored=body.store is not False and state.responses.max_entries > 0)
+
+    def done() -> None:  # the response is complete: keep it for GET and previous_response_id
+        if built.stored:
+            state.responses.put(built.response(), items + built.output)
+
     answer = await chat_completions(chat_body, request, state)
     if not body.stream:
         choice = answer["choices"][0]
@@ -176,11 +195,27 @@ async def responses(body: ResponsesRequest, request: Request, state: State) -> d
             built.output.append(call_item(call["id"], call["function"]["name"], call["function"]["arguments"]))
         built.finish(choice["finish_reason"])
         built.set_usage(answer["usage"])
+        done()
         return built.response()
-    return EventSourceResponse(_events(built, answer.body_iterator), ping=15)
+    return EventSourceResponse(_events(built, answer.body_iterator, done), ping=15)
 
 
-async def _events(built: _Builder, chunks: AsyncIterator[str]) -> AsyncIterator[dict]:
+@router.get("/v1/responses/{response_id}")
+async def get_response(response_id: str, state: State) -> dict:
+    entry = state.responses.get(response_id)
+    if entry is None:
+        raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
+    return entry[0]
+
+
+@router.delete("/v1/responses/{response_id}")
+async def delete_response(response_id: str, state: State) -> dict:
+    if not state.responses.delete(response_id):
+        raise APIError(404, f"Response with id '{response_id}' not found.", param="response_id", code="not_found")
+    return {"id": response_id, "object": "response.deleted", "deleted": True}
+
+
+async def _events(built: _Builder, chunks: AsyncIterator[str], done: Callable[[], None]) -> AsyncIterator[dict]:
     """The chat stream's chunks as the Responses API's events."""
     number = 0
 
@@ -251,5 +286,6 @@ async def _events(built: _Builder, chunks: AsyncIterator[str]) -> AsyncIterator[
     for e in close():
         yield e
     built.finish(reason)
+    done()
     yield event("response.incomplete" if built.status == "incomplete" else "response.completed",
                 response=built.response())
