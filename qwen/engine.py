@@ -69,6 +69,7 @@ if TYPE_CHECKING:
 # slower decoding). The compiled step sees a few lengths only and leaves the choice to PyTorch (cuDNN
 # on an H200: 8 µs per layer for 256 keys; bench/gpu_profile.py measures the alternatives).
 DECODE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+SCORE_BLOCK = 256  # prompt positions projected onto the vocabulary at once when scoring a prompt
 
 
 @dataclass
@@ -100,6 +101,8 @@ class Sequence:
     text: str = ""
     emitted: int = 0  # characters of text already handed to on_event
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
+    # with params.prompt_logprobs: per prompt token, its logprob (None for the first) and the top alternatives
+    prompt_logprobs: list[tuple[float | None, list[tuple[int, float]]]] = field(default_factory=list)
     # "stop", "length", "cancelled", "grammar" (no token the grammar allows was possible: a request that cannot be
     # served as asked) or "error: ..." (the engine failed)
     finish_reason: str | None = None
@@ -418,7 +421,8 @@ class Engine:
         if self.config.use_dynamic_ntk:
             seq.alpha = ntk_alpha(torch.tensor([len(seq.prompt_ids)]), self.config.seq_length).item()
             self.alpha[seq.slot] = seq.alpha
-        seq.looked_up = self.prefix_cache is None
+        # A scored prompt needs every position's hidden state: none may come from the prefix cache.
+        seq.looked_up = self.prefix_cache is None or seq.params.prompt_logprobs is not None
 
     def _look_up(self, seq: Sequence) -> None:
         """Copy the longest cached prefix of ``seq``'s prompt into its slot. At least the last prompt token
@@ -489,9 +493,16 @@ class Engine:
             mask = ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]
         with use_lora(row_groups([s.adapter for s in batch], self.device)):
             hidden = self._hidden(ids, positions, mask, self.alpha[device_tensor(slots, self.device)])
-        for seq, n in zip(batch, counts, strict=True):
+        for row, (seq, n) in enumerate(zip(batch, counts, strict=True)):
+            if seq.params.prompt_logprobs is not None:
+                self._score_prompt(seq, hidden[row, :n])
             seq.computed += n
-        done = [i for i, seq in enumerate(batch) if seq.prefilled]
+        scored_only = [seq for seq in batch if seq.prefilled and seq.params.max_new_tokens == 0]
+        for seq in scored_only:
+            self.prefilling.remove(seq)
+            self._remember(seq)
+            self._finish(seq, "length")
+        done = [i for i, seq in enumerate(batch) if seq.prefilled and not seq.done]
         if not done:
             return
         last = hidden[device_tensor(done, self.device), device_tensor([counts[i] - 1 for i in done], self.device)]
@@ -504,6 +515,27 @@ class Engine:
             self.running.append(seq)
             self._remember(seq)
         self._sample(seqs, slice(first, first + len(seqs)), logits)
+
+    def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Add the logprobs of the prompt tokens that the chunk's ``hidden`` states (from position ``seq.computed``
+        on) predict, projected onto the vocabulary ``SCORE_BLOCK`` positions at a time (never [length, vocabulary]
+        logits at once)."""
+        start, top = seq.computed, seq.params.prompt_logprobs
+        if start == 0:
+            seq.prompt_logprobs.append((None, []))
+        hidden = hidden[: len(seq.prompt_ids) - 1 - start]  # the last prompt token predicts the first output
+        targets = torch.tensor(seq.prompt_ids[start + 1 : start + 1 + hidden.shape[0]], device=hidden.device)
+        with use_lora(seq.adapter):
+            for at in range(0, hidden.shape[0], SCORE_BLOCK):
+                logprobs = torch.log_softmax(self.model.lm_head(hidden[at : at + SCORE_BLOCK]).float(), dim=-1)
+                chosen = logprobs.gather(1, targets[at : at + SCORE_BLOCK, None])[:, 0].tolist()
+                if top:
+                    values, indices = logprobs.topk(top, dim=-1)
+                    alts = [list(zip(i, v, strict=True)) for i, v in zip(indices.tolist(), values.tolist(),
+                                                                         strict=True)]
+                else:
+                    alts = [[] for _ in chosen]
+                seq.prompt_logprobs += zip(chosen, alts, strict=True)
 
     def _decode(self) -> None:
         n = len(self.running)

@@ -32,6 +32,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop: list[str] = field(default_factory=list)
     logprobs: int | None = None  # None: no logprobs; N >= 0: the chosen token's plus the top N
+    # The prompt's own tokens' logprobs (each under the model alone, given the tokens before it) plus the top N
+    # there: how lm-eval scores over HTTP (echo). Such a prompt is computed whole (the prefix cache is not asked);
+    # with it, max_new_tokens may be 0 (score only).
+    prompt_logprobs: int | None = None
     # OpenAI's logit_bias: token id -> value in [-100, 100] added to its logit (-100 all but bans it).
     logit_bias: dict[int, float] | None = None
     # A grammar from ``qwen.grammar`` (e.g. ``response_format_grammar``) the output must follow; the
@@ -51,7 +55,8 @@ class SamplingParams:
         the ids of ``logit_bias`` are checked against it."""
         bias = self.logit_bias or {}
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens must be at least 1"),
+            (self.max_new_tokens >= (0 if self.prompt_logprobs is not None else 1),
+             "max_new_tokens must be at least 1 (0 only to score the prompt, with prompt_logprobs)"),
             (self.temperature >= 0, "temperature must be >= 0"),
             (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
             (0 <= self.top_k < 2**31, "top_k must be >= 0 (0 = off)"),
@@ -59,6 +64,7 @@ class SamplingParams:
             (-2 <= self.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
             (-2 <= self.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
             (self.logprobs is None or 0 <= self.logprobs <= 20, "top_logprobs must be in [0, 20]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= 20, "prompt_logprobs must be in [0, 20]"),
             (all(-100 <= v <= 100 for v in bias.values()), "logit_bias values must be in [-100, 100]"),
             (vocab_size is None or all(0 <= t < vocab_size for t in bias),
              f"logit_bias token ids must be in [0, {vocab_size})"),

@@ -463,6 +463,32 @@ def test_logprobs_match_model_generate_scores(tiny_model, tokenizer, prompts):
         assert seqs[2].logprobs[step][1] == pytest.approx(lp, abs=1e-5)
 
 
+def test_prompt_logprobs_score_the_prompt_in_chunks_beside_other_requests(tiny_model, tokenizer, prompts):
+    """Prompt scoring (the server's echo) in the engine: each prompt token's logprob and top alternatives equal the
+    model's own forward over the whole prompt, prefilled in chunks beside a generating request; the prefix cache
+    is not asked (a prompt it already holds is scored in full); max_new_tokens 0 only scores, and a scored prompt
+    can generate too."""
+    prompt = [t for p in prompts for t in p][:45]  # several 16-token chunks, the last one partial
+    with torch.no_grad():
+        expected = torch.log_softmax(tiny_model(torch.tensor([prompt]), use_cache=False).logits[0].double(), -1)
+    engine = Engine(tiny_model, tokenizer, max_batch_size=3, prefill_chunk=16)
+    score = SamplingParams(max_new_tokens=0, prompt_logprobs=2)
+    for _ in range(2):  # the second time, the prefix cache holds the prompt
+        scored, other, both = engine.generate([prompt, prompts[1], prompt], [
+            score, greedy(5), SamplingParams(max_new_tokens=3, do_sample=False, prompt_logprobs=0)])
+        assert scored.finish_reason == "length" and scored.output_ids == [] and scored.cached_tokens == 0
+        assert len(scored.prompt_logprobs) == len(prompt) and scored.prompt_logprobs[0] == (None, [])
+        for i, (lp, alts) in enumerate(scored.prompt_logprobs[1:], start=1):
+            assert lp == pytest.approx(expected[i - 1, prompt[i]].item(), abs=1e-4)
+            top = expected[i - 1].topk(2)
+            assert [t for t, _ in alts] == top.indices.tolist()
+            assert [v for _, v in alts] == pytest.approx(top.values.tolist(), abs=1e-4)
+        assert [lp for lp, _ in both.prompt_logprobs] == pytest.approx([lp for lp, _ in scored.prompt_logprobs])
+        assert both.output_ids == reference(tiny_model, prompt, 3) and other.prompt_logprobs == []
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        engine.submit(prompt, SamplingParams(max_new_tokens=0))
+
+
 def test_sampled_logprobs_use_the_temperature(tiny_model, tokenizer, prompts):
     prompt, t = prompts[1], 0.7
     seq = Engine(tiny_model, tokenizer).generate([prompt], sampled(11, 6, temperature=t, logprobs=2))[0]

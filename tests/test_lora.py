@@ -312,6 +312,13 @@ def test_server_serves_adapters_by_model_name(lora_server, base, adapters, token
 
     assert_merged_reply(reply("mine"), "chat")
     assert_merged_reply(reply("tiny"), None)
+    # Prompt scoring (echo, as lm-eval sends it) runs with the adapter too: the merged model's logprobs.
+    for name, merged in (("mine", adapters["chat"][1]), ("tiny", fresh(base))):
+        out = client.completions.create(model=name, prompt=PROMPTS[1], echo=True, logprobs=0, max_tokens=0)
+        with torch.no_grad():
+            expected = torch.log_softmax(merged(torch.tensor([PROMPTS[1]])).logits[0].double(), -1)
+        assert out.choices[0].logprobs.token_logprobs[1:] == pytest.approx(
+            [expected[i - 1, t].item() for i, t in enumerate(PROMPTS[1]) if i], abs=1e-4)
 
     # Loading at run time, behind the API keys, at most --max-loras.
     load = {"lora_name": "other", "lora_path": str(adapters["chat2"][0])}

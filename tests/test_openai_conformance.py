@@ -102,12 +102,16 @@ def test_harmless_fields_are_accepted(client):
     assert out.choices[0].message.role == "assistant"
 
 
-def test_full_queue_answers_503_with_retry_after(tiny_chat, tmp_path):
+@pytest.mark.parametrize("waiting", ["generation", "scoring"])
+def test_full_queue_answers_503_with_retry_after(tiny_chat, tmp_path, waiting):
     """One slot and a queue of one: with one request running and one waiting, the next is refused at once
-    with 503 and Retry-After; the two accepted ones finish, and the server serves normally afterwards."""
+    with 503 and Retry-After; the two accepted ones finish, and the server serves normally afterwards. Prompt
+    scoring (echo, as lm-eval sends it) queues in the engine like any request."""
     with ServerProcess(tiny_chat, "--model-name", MODEL, "--max-batch-size", "1", "--max-queue", "1",
                        log=tmp_path / "log") as server:
         body = {"model": MODEL, "prompt": "x", "max_tokens": 600, "temperature": 0}
+        second_body = body if waiting == "generation" else {"model": MODEL, "prompt": "The capital of France",
+                                                             "echo": True, "logprobs": 1, "max_tokens": 0}
 
         def wait_for(key: str) -> None:
             deadline = time.monotonic() + 60
@@ -119,7 +123,7 @@ def test_full_queue_answers_503_with_retry_after(tiny_chat, tmp_path):
             async with httpx.AsyncClient(timeout=300) as http:
                 first = asyncio.create_task(http.post(f"{server.url}/v1/completions", json=body))
                 await asyncio.to_thread(wait_for, "running")
-                second = asyncio.create_task(http.post(f"{server.url}/v1/completions", json=body))
+                second = asyncio.create_task(http.post(f"{server.url}/v1/completions", json=second_body))
                 await asyncio.to_thread(wait_for, "waiting")
                 refused = await http.post(f"{server.url}/v1/completions", json=body)
                 return [refused, await first, await second]
@@ -128,6 +132,10 @@ def test_full_queue_answers_503_with_retry_after(tiny_chat, tmp_path):
         assert refused.status_code == 503 and refused.headers["retry-after"] == "1"
         assert json.loads(refused.text)["error"]["code"] == "overloaded"
         assert first.status_code == second.status_code == 200
+        if waiting == "scoring":
+            [choice] = second.json()["choices"]
+            assert choice["text"] == second_body["prompt"] and choice["logprobs"]["token_logprobs"][0] is None
+            assert all(lp < 0 for lp in choice["logprobs"]["token_logprobs"][1:])
         ok = httpx.post(f"{server.url}/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
         assert ok.status_code == 200
 

@@ -5,6 +5,7 @@ response that is not streamed."""
 from __future__ import annotations
 
 import asyncio
+import codecs
 import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
@@ -16,7 +17,6 @@ from ..lora import LoraAdapter
 from ..sampling import SamplingParams
 from .access_log import record
 from .errors import APIError
-from .prompt_logprobs import text_offsets
 from .prompting import ParsedReply
 
 if TYPE_CHECKING:
@@ -76,6 +76,17 @@ def usage(request: Request, prompt_len: int, seqs: list[Sequence], copies: int) 
 
 
 # ----- logprobs -------------------------------------------------------------------------------------------
+
+
+def text_offsets(pieces: list[bytes], start: int = 0) -> list[int]:
+    """Character offset where each token's text begins in the decoded text (UTF-8 decoded across token
+    boundaries: a character split over two tokens counts at the token that completes it)."""
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    offsets, position = [], start
+    for piece in pieces:
+        offsets.append(position)
+        position += len(decoder.decode(piece))
+    return offsets
 def token_text(tokenizer: QWenTokenizer, token_id: int) -> bytes:
     """A token's bytes (special tokens as their text; ids without a token as nothing)."""
     raw = tokenizer.decoder.get(token_id, b"")

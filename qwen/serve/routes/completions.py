@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 import uuid
@@ -14,8 +13,8 @@ from fastapi import APIRouter, Depends, Request
 from sse_starlette.sse import EventSourceResponse
 
 from ...engine import Sequence
+from ...sampling import SamplingParams
 from ..errors import APIError
-from ..prompt_logprobs import prompt_logprobs
 from ..protocol import CompletionRequest
 from ..responses import check_errors, finish_reason, legacy_logprobs, run_to_completion, token_text, usage
 from ..sampling_request import check_request, sampling
@@ -70,8 +69,12 @@ async def completions(body: CompletionRequest, request: Request, state: State) -
         body_n = body.model_copy(update={"n": best_of})
         for ids, _ in prompts:
             requests += [(ids, p) for p in sampling(state, body_n, len(ids), body.max_tokens, list(body.stop), want)]
-    echo_logprobs = [await asyncio.to_thread(prompt_logprobs, engine.model, ids, body.logprobs, adapter)
-                     for ids, _ in prompts] if scored else []
+    echo_logprobs = []
+    if scored:  # the engine scores each prompt first (its keys then serve the generation from the prefix cache)
+        score = SamplingParams(max_new_tokens=0, prompt_logprobs=body.logprobs, priority=body.priority)
+        scoring = await run_to_completion(engine, [(ids, score) for ids, _ in prompts], request, adapter)
+        check_errors(scoring)
+        echo_logprobs = [seq.prompt_logprobs for seq in scoring]
     rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
     prompt_tokens = sum(len(ids) for ids, _ in prompts)
 
