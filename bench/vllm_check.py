@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         src = make_tiny_checkpoint(Path(temp) / "tiny-chat", layers=2, hidden=256, heads=4, intermediate=1024,
                                    seq_length=2048, initializer_range=0.05, dtype=torch.bfloat16)
         dst = Path(temp) / "tiny-chat-qwen2"
-        for note in export_qwen2(src, dst, dtype="bf16").notes:
+        # rope "none": vLLM reads the default "dynamic" as one fixed NTK base at every length, not exact below
+        # seq_length (qwen.export.rope); prompts here stay far below it, where "none" is exact.
+        for note in export_qwen2(src, dst, dtype="bf16", rope="none").notes:
             print(f"export: {note}")
         tokenizer = QWenTokenizer.from_pretrained(src)
         # ours: the same bf16 weights, computed in fp32 (the reference the near-tie rule reads)

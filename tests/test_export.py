@@ -328,6 +328,16 @@ def test_model_without_dynamic_ntk_exports_exact_at_every_length(tmp_path):
         assert (ours(x).logits - theirs(x).logits).abs().max() < TOL
 
 
+def test_the_default_export_tells_vllm_users_to_pick_none():
+    """vLLM and SGLang read "dynamic" as one fixed NTK base at every length: the export's note says so and names the
+    setting that is exact for them below seq_length (bench/vllm_check.py exports with it)."""
+    from qwen.export.rope import rope_scaling
+
+    note = rope_scaling("dynamic", 64).describe(64)
+    assert "vLLM and SGLang" in note and "not exact below 64 tokens" in note and "--rope-scaling none" in note
+    assert 'rope="none"' in (Path(__file__).resolve().parents[1] / "bench" / "vllm_check.py").read_text()
+
+
 def test_yarn_export_declares_its_context(sources, tmp_path):
     export_qwen2(sources["chat"], tmp_path / "yarn", rope="yarn", rope_factor=8)
     config = AutoConfig.from_pretrained(tmp_path / "yarn")

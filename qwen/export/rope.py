@@ -58,7 +58,9 @@ class RopeScaling:
         factor = self.rope_parameters["factor"]
         if self.name == "dynamic":
             return (f"rope scaling: dynamic NTK, factor {factor:g} (exact below {seq_length} tokens in transformers; "
-                    f"past it the NTK base follows Qwen's at 2x/4x/8x, without logn)")
+                    f"past it the NTK base follows Qwen's at 2x/4x/8x, without logn). vLLM and SGLang read it as "
+                    f"one fixed NTK base at every length, not exact below {seq_length} tokens: for them export with "
+                    "--rope-scaling none")
         return (f"rope scaling: yarn, factor {factor:g} over {seq_length} tokens (approximate at every length; "
                 f"declares {self.max_position_embeddings} tokens)")
 
