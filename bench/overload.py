@@ -2,6 +2,7 @@
 
     python bench/overload.py                     # tiny random checkpoint, 64 clients, 60 s per server
     python bench/overload.py --clients 128 --duration 180
+    python bench/overload.py --soak              # the bounded server alone for 10 minutes: does memory grow?
 
 Two ``openai_api.py`` servers run in turn under the same load (``--max-batch-size 8``): one with
 ``--max-queue 16`` (a request arriving while 16 wait is answered 503 with Retry-After at once) and the
@@ -9,8 +10,11 @@ reference, ``--max-queue`` large enough never to refuse, as before the flag exis
 streams chat completions in a loop for ``--duration`` seconds; a refused client waits Retry-After and
 tries again. Reported per server: completed requests, 503 refusals, errors and hung requests (no
 answer within 120 s; both must be 0: nothing lost or hung), completion tokens/s, time to first token
-of completed requests (p50/p99), and the server's resident memory (sampled from /proc every 0.5 s):
-peak, and the mean of the last quarter of the run against the first (flat when close to 1).
+per request as its client sees it (from the first attempt, so the waits after 503s count; p50/p99), and
+the server's resident memory (sampled from /proc every 0.5 s): peak, the mean of the last quarter of the
+run against the first (flat when close to 1), and its growth in MiB per minute over the second half (a
+least-squares slope; a leak shows as a steady positive slope in a soak run, where start-up allocations
+have long settled).
 """
 
 from __future__ import annotations
@@ -40,27 +44,44 @@ class Run:
     errors: int = 0
     hung: int = 0
     tokens: int = 0
-    ttft: list[float] = field(default_factory=list)
-    rss: list[int] = field(default_factory=list)
+    ttft: list[float] = field(default_factory=list)  # per request, from its first attempt to its first token
+    rss: list[tuple[float, int]] = field(default_factory=list)  # (seconds, bytes)
 
     def ttft_ms(self, q: float) -> float:
         values = sorted(self.ttft) or [float("nan")]
         return 1000 * values[min(len(values) - 1, round(q * (len(values) - 1)))]
 
+    def rss_drift(self) -> float:
+        """Mean RSS of the last quarter of the samples over the first's."""
+        sizes = [b for _, b in self.rss]
+        quarter = max(1, len(sizes) // 4)
+        return (sum(sizes[-quarter:]) / quarter) / (sum(sizes[:quarter]) / quarter) if sizes else float("nan")
 
-def watch_rss(pid: int, out: list[int], stop: threading.Event) -> None:
-    page = os.sysconf("SC_PAGE_SIZE")
+    def rss_slope(self) -> float:
+        """RSS growth over the second half of the run, MiB per minute (least squares)."""
+        half = self.rss[len(self.rss) // 2:]
+        if len(half) < 2:
+            return float("nan")
+        mean_t = sum(t for t, _ in half) / len(half)
+        mean_b = sum(b for _, b in half) / len(half)
+        var = sum((t - mean_t) ** 2 for t, _ in half)
+        return sum((t - mean_t) * (b - mean_b) for t, b in half) / var * 60 / 2**20 if var else float("nan")
+
+
+def watch_rss(pid: int, out: list[tuple[float, int]], stop: threading.Event) -> None:
+    page, start = os.sysconf("SC_PAGE_SIZE"), time.perf_counter()
     while not stop.wait(0.5):
         try:
             with open(f"/proc/{pid}/statm") as f:
-                out.append(int(f.read().split()[1]) * page)
+                out.append((time.perf_counter() - start, int(f.read().split()[1]) * page))
         except OSError:
             return
 
 
 async def client_loop(client: openai.AsyncOpenAI, index: int, deadline: float, max_tokens: int, run: Run) -> None:
+    start = None  # the request's first attempt: a retry after a 503 is the same request to its user
     while time.perf_counter() < deadline:
-        start, first = time.perf_counter(), None
+        start, first = start or time.perf_counter(), None
         try:
             stream = await asyncio.wait_for(client.chat.completions.create(
                 model=MODEL, messages=[{"role": "user", "content": f"Client {index}: tell me a story."}],
@@ -73,16 +94,20 @@ async def client_loop(client: openai.AsyncOpenAI, index: int, deadline: float, m
                         run.tokens += chunk.usage.completion_tokens
             run.completed += 1
             run.ttft.append(first if first is not None else time.perf_counter() - start)
+            start = None
         except openai.APIStatusError as exc:
             if exc.status_code != 503:
                 run.errors += 1
+                start = None
                 continue
             run.refused += 1
             await asyncio.sleep(float(exc.response.headers.get("retry-after", "1")))
         except TimeoutError:
             run.hung += 1
+            start = None
         except openai.APIError:
             run.errors += 1
+            start = None
 
 
 async def drive(url: str, clients: int, duration: float, max_tokens: int, run: Run) -> float:
@@ -117,26 +142,31 @@ def main() -> None:
     p.add_argument("--duration", type=float, default=60, help="seconds of load per server")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--max-queue", type=int, default=16, help="the bounded server's --max-queue")
+    p.add_argument("--soak", action="store_true",
+                   help="the bounded server alone, for --duration seconds (default here 600): a memory leak check")
     args = p.parse_args()
+    if args.soak and "--duration" not in sys.argv:
+        args.duration = 600.0
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(args.checkpoint) if args.checkpoint else None
         if checkpoint is None:
             from qwen.tiny import make_tiny_checkpoint
 
             checkpoint = make_tiny_checkpoint(Path(tmp) / "tiny")
-        rows = {f"--max-queue {args.max_queue}": bench(checkpoint, args.max_queue, args),
-                "unbounded (reference)": bench(checkpoint, 1_000_000, args)}
+        rows = {f"--max-queue {args.max_queue}": bench(checkpoint, args.max_queue, args)}
+        if not args.soak:
+            rows["unbounded (reference)"] = bench(checkpoint, 1_000_000, args)
     print(f"\n{args.clients} clients streaming chat (greedy, max_tokens {args.max_tokens}) for {args.duration:.0f} s "
           f"per server, --max-batch-size 8, {os.cpu_count()} CPUs\n")
+    print("TTFT: per request, from its first attempt (waits after 503s included) to its first token\n")
     print("| server | completed | 503 refused | errors | hung | tokens/s | TTFT p50 ms | TTFT p99 ms | "
-          "peak RSS MiB | RSS last/first quarter |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "peak RSS MiB | RSS last/first quarter | RSS MiB/min, 2nd half |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for name, (run, wall) in rows.items():
-        quarter = max(1, len(run.rss) // 4)
-        drift = (sum(run.rss[-quarter:]) / quarter) / (sum(run.rss[:quarter]) / quarter) if run.rss else float("nan")
+        peak = max((b for _, b in run.rss), default=0) / 2**20
         print(f"| {name} | {run.completed} | {run.refused} | {run.errors} | {run.hung} | {run.tokens / wall:.1f} | "
-              f"{run.ttft_ms(0.5):.0f} | {run.ttft_ms(0.99):.0f} | {max(run.rss, default=0) / 2**20:.0f} | "
-              f"{drift:.3f} |")
+              f"{run.ttft_ms(0.5):.0f} | {run.ttft_ms(0.99):.0f} | {peak:.0f} | {run.rss_drift():.3f} | "
+              f"{run.rss_slope():+.2f} |")
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ import logging
 import os
 import shutil
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -372,6 +371,13 @@ def train(argv: list[str] | None = None, callbacks: list | None = None):
     # Seeded before the model is built: peft draws the LoRA A matrices (and a new wte/lm_head copy) from the
     # global generator, which the Trainer seeds only later; unseeded, two runs of one recipe trained apart.
     transformers.set_seed(training_args.seed)
+    if training_args.deepspeed and not (torch.cuda.is_available() and not training_args.use_cpu):
+        # On the CPU accelerate joins the processes with torch.distributed (gloo) but, unlike on GPUs, never tells
+        # DeepSpeed: its ZeRO-3 model set-up would count one process and refuse the batch size of several nodes.
+        import deepspeed
+
+        _ = training_args.device  # the process group, set up by the training arguments
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False)
     model = load_model(model_args, training_args, lora_args, plan)
     trainer = Trainer(model=model, processing_class=tokenizer, args=training_args, callbacks=callbacks, **data)
     if trainer.is_deepspeed_enabled:
@@ -396,8 +402,6 @@ def train(argv: list[str] | None = None, callbacks: list | None = None):
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.WARNING)
-    # DeepSpeed calls these renamed torch.distributed functions on every step: say it once, not thousands of times.
-    warnings.filterwarnings("once", message=r".*torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     try:
         train(argv)
     except (DataError, FinetuneError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import sys
+import warnings
 from collections.abc import Callable
 
 HUB_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
@@ -76,5 +77,8 @@ def import_bitsandbytes_without_hub_kernels() -> None:
 
 def quiet_fine_tuning_notices() -> None:
     import_bitsandbytes_without_hub_kernels()
+    # DeepSpeed calls torch.distributed functions that torch 2.13 renamed, with a FutureWarning at every call
+    # (several per step with more than one process); only DeepSpeed can act on it.
+    warnings.filterwarnings("ignore", r"`torch\.distributed\.\w+` is deprecated", FutureWarning)
     logging.getLogger("DeepSpeed").addFilter(_Drop(_no_accelerator))
     logging.getLogger("accelerate.accelerator").addFilter(_Drop(_trainer_accumulates_itself))

@@ -9,10 +9,12 @@ confident. DeepSpeed compiles two CPU ops on its first run (~1-6 min, cached und
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -334,6 +336,36 @@ def test_full_finetune_with_zero3_memorises(trainable_chat, qa_data, tmp_path):
     assert json.loads((out / "generation_config.json").read_text())["chat_format"] == "chatml"
     assert (out / "modeling_qwen.py").is_file()  # the original's remote-code files travel along (never run)
     assert_memorised(out)
+
+
+@pytest.mark.multinode
+def test_two_nodes_train_one_model_with_zero3(trainable_chat, qa_data, tmp_path):
+    """Two "nodes" on this machine, as the README's multi-node recipe runs them on two: finetune_ds.sh launched twice
+    with NNODES=2, NODE_RANK 0 and 1 and MASTER_ADDR, DeepSpeed ZeRO-3 over gloo on the CPU. They train one model
+    (rank 0 reports 2 processes and saves it), it has learnt, and neither prints a notice the user cannot act on."""
+    nodes = dict(GPUS_PER_NODE="0", NNODES="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+                 OMP_NUM_THREADS="1")
+    logs = [(tmp_path / f"node{rank}.out", tmp_path / f"node{rank}.err") for rank in (0, 1)]
+    launches = []
+    for rank, (out, err) in enumerate(logs):  # files, not pipes: a full pipe would stall its node, and both with it
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            launches.append(subprocess.Popen(
+                [str(c) for c in ["bash", FT / "finetune_ds.sh", "-m", trainable_chat, "-d", qa_data, "--output_dir",
+                                  tmp_path / f"node{rank}", *MEMORISE, "--max_steps", "20", "--learning_rate", "5e-3"]],
+                cwd=tmp_path, env=script_env(**nodes, NODE_RANK=str(rank)), stdout=stdout, stderr=stderr,
+                start_new_session=True))
+    try:
+        for launch, (out, err) in zip(launches, logs, strict=True):
+            assert launch.wait(timeout=480) == 0, f"{out.read_text()[-3000:]}\n{err.read_text()[-5000:]}"
+            assert_no_notices(err.read_text())
+    finally:  # the launcher and its workers, should one node have failed while the other waits for it
+        for launch in launches:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(launch.pid, signal.SIGKILL)
+    assert "DeepSpeed ZeRO-3 on 2 process(es)" in logs[0][0].read_text()
+    assert not (tmp_path / "node1").exists()  # rank 0 saves the model, gathered from both
+    assert_loss_fell(tmp_path / "node0")
+    assert_memorised(tmp_path / "node0")
 
 
 def test_qlora_nf4_script_memorises(trainable_chat, qa_data, tmp_path):
