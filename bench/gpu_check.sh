@@ -8,7 +8,8 @@
 set -uo pipefail
 out=${OUT:-gpu-check}
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# QWEN_TRITON_INT8=1: the opt-in Triton int8 kernel is what these checks are for.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 QWEN_TRITON_INT8=1
 python3 -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__,
 torch.cuda.get_device_name())" 2>&1 | tee "$out/env.log"
 timeout "${TEST_TIMEOUT:-200}" python3 -m pytest -q -p no:cacheprovider -o addopts= tests/test_cuda.py 2>&1 \

@@ -1,7 +1,8 @@
-"""Opt-in (``pytest -m llamacpp``): llama.cpp itself loads and runs GGUF files from ``python -m qwen.export gguf``.
+"""llama.cpp itself loads and runs GGUF files from ``python -m qwen.export gguf`` (marked ``llamacpp``: ``pytest -m
+llamacpp`` runs them alone; they are part of the default run).
 
 llama.cpp is built from the llama-cpp-python sdist (its ``vendor/llama.cpp``) as a shared library, once, into
-``~/.cache/qwen-llamacpp/<version>/build-<hash of the flags>`` (a few minutes on two cores; the helpers are
+``~/.cache/qwen-llamacpp/<version>/build-<hash of the flags>`` (2.6 min on two cores; the helpers are
 ``bench/llamacpp_build.py``, shared with ``bench/llamacpp.py``), and driven through the sdist's own ctypes
 bindings in a subprocess. Without cmake and a C++ compiler, or without a network to download the sdist,
 the tests are skipped with a message saying which.

@@ -13,6 +13,7 @@ torch.compile and CUDA graphs take it as one kernel. Triton is imported on first
 from __future__ import annotations
 
 import functools
+import os
 import warnings
 
 import torch
@@ -95,7 +96,11 @@ def _(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor) -> torch.Tens
 
 @functools.cache
 def available() -> bool:
-    """Whether Triton can be imported (it comes with PyTorch's CUDA builds)."""
+    """Whether int8 layers on CUDA use the kernel: asked for with ``QWEN_TRITON_INT8=1`` (it has not yet run on a
+    GPU: until ``bench/gpu_check.sh`` has passed on one, the dequantizing path stays the default) and Triton
+    can be imported (it comes with PyTorch's CUDA builds)."""
+    if os.environ.get("QWEN_TRITON_INT8") != "1":
+        return False
     try:
         import triton  # noqa: F401
     except ImportError:
