@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 from peak_rss import PeakRSS  # bench/peak_rss.py (the script's folder is on sys.path)
+from results import add_json_arg, save
 
 import qwen  # noqa: F401
 from qwen.config import QWenConfig
@@ -226,7 +227,8 @@ def decode_read_bytes(model: torch.nn.Module) -> int:
     return nbytes(model) - (table.shape[0] - 1) * table.shape[1] * table.element_size()
 
 
-def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: dict[str, float]) -> None:
+def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: dict[str, float]) -> list[dict]:
+    """Print one shape's table and return its rows (with the read ceiling each implies, for the charts)."""
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(shape, dtype, tmp, device)
@@ -276,6 +278,9 @@ def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: d
         row["vs Qwen2 b1"] = b1 / reference
         row["b8/b1"] = row["decode b8 tok/s"] / b1
         print("| " + " | ".join(row[c] if isinstance(row[c], str) else f"{row[c]:.2f}" for c in cols) + " |")
+        for kind, rate in bandwidth.items():
+            row[f"{kind} ceiling tok/s"] = rate / (row["read GiB"] * 2**30)
+    return rows
 
 
 def main() -> None:
@@ -286,13 +291,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="turns each runner takes; its best is reported")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--compile", action="store_true", help="also run the engine with its compiled decode step")
+    add_json_arg(parser)
     args = parser.parse_args()
     bandwidth = bandwidths(torch.device(args.device))
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs")
+    tables = {}
     if args.shape in ("all", "tiny"):
-        bench("tiny", torch.float32, argparse.Namespace(**{**vars(args), "new_tokens": 64}), bandwidth)
+        tables["tiny fp32"] = bench("tiny", torch.float32, argparse.Namespace(**{**vars(args), "new_tokens": 64}),
+                                    bandwidth)
     if args.shape in ("all", "1.8b"):
-        bench("1.8b", torch.bfloat16, args, bandwidth)
+        tables["1.8b bf16"] = bench("1.8b", torch.bfloat16, args, bandwidth)
+    save(args.json, "generate", tables, bandwidth_gb_s={k: v / 1e9 for k, v in bandwidth.items()})
 
 
 if __name__ == "__main__":

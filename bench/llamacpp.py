@@ -51,6 +51,7 @@ import torch
 from generate import engine_runner, measure, nbytes  # bench/generate.py
 from machine import cpu_name  # bench/machine.py
 from quant import decode_logprobs  # bench/quant.py
+from results import add_json_arg, save
 
 import qwen  # noqa: F401  (registers the Qwen classes with transformers' Auto*)
 from qwen.engine import Engine
@@ -279,6 +280,7 @@ def main() -> None:
     parser.add_argument("--activations", choices=["bf16", "fp32"], default="bf16",
                         help="our activations' dtype: bf16 (what --dtype auto loads) or fp32 (--dtype float32, as "
                              "llama.cpp computes; the bf16 row, the quality reference, then runs in fp32 too)")
+    add_json_arg(parser)
     args = parser.parse_args()
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     if not formats or any(f not in FORMATS for f in formats):
@@ -358,6 +360,11 @@ def main() -> None:
           f"{args.kl_tokens} tokens in chunks of {args.kl_ctx} (second halves scored), ours through the decode "
           f"path. Activations: llama.cpp fp32; ours {args.activations}.\n")
     print_table([rows[fmt] for fmt in formats])
+    save(args.json, "llamacpp", {"formats": [
+        {"format": fmt, "runner": row.runner, "label": row.format, "GB": row.gb, **(row.figures or {}),
+         **(row.quality or {})} for fmt in formats for row in rows[fmt]]},
+        shape=args.shape, threads=args.threads, activations=args.activations, llama_cpp=build_info,
+        system_info=system_info)
 
 
 if __name__ == "__main__":

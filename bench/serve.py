@@ -30,6 +30,7 @@ from pathlib import Path
 
 import openai
 from machine import cpu_name  # bench/machine.py
+from results import add_json_arg, save
 
 from qwen.serve.process import ServerProcess
 
@@ -129,6 +130,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=1, help="times each server is started and measured, in turn")
     p.add_argument("--repetition-penalty", type=float,
                    help="sent with every request (default: the checkpoint's generation_config, 1.1 for chat)")
+    add_json_arg(p)
     p.add_argument("--server-args", nargs=argparse.REMAINDER, default=[], help="more flags for openai_api.py")
     args = p.parse_args()
     levels = [int(c) for c in args.clients.split(",")]
@@ -154,12 +156,17 @@ def main() -> None:
           f"{elapsed:.0f} s in all\n")
     print("| server | clients | requests | completion tokens | wall s | tokens/s | TTFT p50 ms | TTFT p95 ms |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    table = []
     for name in named:
         for i in range(len(levels)):
             by_speed = sorted((run[name][i] for run in rounds), key=lambda level: level.tokens_per_s)
             r = by_speed[(len(by_speed) - 1) // 2]
             print(f"| {name} | {r.clients} | {r.requests} | {r.tokens} | {r.wall:.2f} | {r.tokens_per_s:.1f} | "
                   f"{r.ttft_ms(0.5):.0f} | {r.ttft_ms(0.95):.0f} |")
+            table.append({"server": name, "clients": r.clients, "requests": r.requests, "tokens/s": r.tokens_per_s,
+                          "TTFT p50 ms": r.ttft_ms(0.5), "TTFT p95 ms": r.ttft_ms(0.95)})
+    save(args.json, "serve", {"servers": table}, max_tokens=args.max_tokens,
+         checkpoint=checkpoint.name if args.checkpoint else "tiny random")
     top = levels.index(max(levels))
     tested, reference = named
     ratio = statistics.median(run[tested][top].tokens_per_s / run[reference][top].tokens_per_s for run in rounds)
