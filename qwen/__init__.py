@@ -7,10 +7,16 @@ Qwen checkpoint folder with this package's classes and never execute the folder'
 That import takes seconds (torch and transformers). The front ends (``openai_api.py``, ``web_demo.py``,
 ``cli_demo.py``) parse their command line first, so that ``--help`` or a mistyped flag answers at once:
 their ``__main__`` module sets ``QWEN_DEFER_IMPORTS = True`` before importing qwen, and they call
-:func:`register_auto_classes` when they load a model.
+:func:`register_auto_classes` when they load a model. The console scripts that run them (``qwen-cli``,
+``qwen-web``, ``qwen-serve``: see :mod:`qwen.entry_points`) defer the import too.
 """
 
 import sys
+
+from . import entry_points
+
+# The release, read by pyproject.toml ([tool.setuptools.dynamic]); see CHANGELOG.md.
+__version__ = "0.1.0"
 
 __all__ = ["QWenConfig", "QWenLMHeadModel", "QWenModel", "QWenTokenizer", "register_auto_classes"]
 
@@ -44,5 +50,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'qwen' has no attribute {name!r}")
 
 
-if not getattr(sys.modules.get("__main__"), "QWEN_DEFER_IMPORTS", False):
+if not (getattr(sys.modules.get("__main__"), "QWEN_DEFER_IMPORTS", False)
+        or entry_points.running_script() in entry_points.DEFERRED_IMPORTS):
     register_auto_classes()

@@ -17,7 +17,7 @@ Each is compiled by ``torch.utils.cpp_extension`` (about 15 s; cached under
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``) and needs a C++ compiler and ninja (a
 dependency of this package). ``QWEN_INT8_KERNEL=torch``, ``QWEN_INT4_KERNEL=torch`` and
 ``QWEN_BF16_KERNEL=torch`` skip them. ``python -m qwen.cpu_kernels`` builds all three ahead of time (the
-Docker image does, so a container starts without compiling).
+Docker image does, so a container starts without compiling); ``python -m qwen.cpu_kernels bf16`` builds one.
 """
 
 from __future__ import annotations
@@ -203,15 +203,20 @@ def use_cpu_kernels_(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_all() -> bool:
-    """Compile every kernel now, whatever this CPU has: a container image built on one machine then starts
-    without a compiler run (``python -m qwen.cpu_kernels``, in docker/Dockerfile). True if all were built."""
-    return all([_build(label, name, flags) for label, (name, flags) in KERNELS.items()])
+def build_all(labels: list[str] | None = None) -> bool:
+    """Compile every kernel (or those of ``labels``: "int8", "int4", "bf16") now, whatever this CPU has: a
+    container image built on one machine then starts without a compiler run (``python -m qwen.cpu_kernels
+    [LABEL...]``, in docker/Dockerfile). True if all were built."""
+    labels = list(KERNELS) if labels is None else labels
+    return all([_build(label, *KERNELS[label]) for label in labels])
 
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    ok = build_all()
-    for label, (name, _) in KERNELS.items():
-        print(f"{label}: {build_folder(name)}")
+    chosen = sys.argv[1:] or list(KERNELS)
+    if unknown := [label for label in chosen if label not in KERNELS]:
+        sys.exit(f"usage: python -m qwen.cpu_kernels [{' '.join(KERNELS)}] (unknown: {' '.join(unknown)})")
+    ok = build_all(chosen)
+    for label in chosen:
+        print(f"{label}: {build_folder(KERNELS[label][0])}")
     sys.exit(0 if ok else 1)

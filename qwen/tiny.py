@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .chat import BASE_GENERATION_DEFAULTS, CHAT_GENERATION_DEFAULTS
+from .entry_points import program_name
 from .tokenizer import BUNDLED_VOCAB, VOCAB_FILE
 
 REMOTE_CODE_FILES = (
@@ -185,7 +186,7 @@ def make_tiny_checkpoint(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m qwen.tiny", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog=program_name("python -m qwen.tiny"), description=__doc__.split("\n\n")[0])
     parser.add_argument("out_dir", help="folder to write (created if missing)")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=64)

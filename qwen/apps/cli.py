@@ -17,6 +17,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..entry_points import program_name
 from ..loading import add_lora_arg, add_model_args, front_end_checkpoint, load_lora_arg, load_model
 from . import sampling_settings
 
@@ -38,7 +39,8 @@ Ctrl-C stops a reply in progress. Anything else is sent to the model."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="cli_demo.py", description="Chat with a Qwen v1 checkpoint in the terminal")
+    p = argparse.ArgumentParser(prog=program_name("cli_demo.py"),
+                                description="Chat with a Qwen v1 checkpoint in the terminal")
     p.add_argument("-c", "--checkpoint-path", help="original Qwen checkpoint folder")
     p.add_argument("-s", "--seed", type=int, default=1234, help="random seed (default 1234)")
     p.add_argument("--system", default="You are a helpful assistant.", help="system prompt")

@@ -10,6 +10,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
+from ..entry_points import program_name
 from ..loading import add_lora_arg, add_model_args, front_end_checkpoint, load_lora_arg, load_model
 from ..ports import WEB_PORT, port_number, port_problem
 from . import sampling_settings
@@ -18,7 +19,8 @@ DEFAULT_SYSTEM = "You are a helpful assistant."
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="web_demo.py", description="Chat with a Qwen v1 checkpoint in the browser")
+    p = argparse.ArgumentParser(prog=program_name("web_demo.py"),
+                                description="Chat with a Qwen v1 checkpoint in the browser")
     p.add_argument("-c", "--checkpoint-path", help="original Qwen checkpoint folder")
     p.add_argument("--share", action="store_true", help="create a public gradio link")
     p.add_argument("--inbrowser", action="store_true", help="open a browser tab")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from ..entry_points import program_name
 from .gguf_file import OUTTYPES, export_gguf
 from .qwen2 import DTYPES, export_qwen2
 from .rope import DEFAULT_ROPE_SCALING, ROPE_SCALINGS
@@ -16,7 +17,7 @@ from .source import ExportError
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m qwen.export",
+    parser = argparse.ArgumentParser(prog=program_name("python -m qwen.export"),
                                      description="Export an original Qwen v1 checkpoint folder for other runtimes.")
     sub = parser.add_subparsers(dest="format", required=True)
     q = sub.add_parser("qwen2", help="a Qwen2ForCausalLM folder (transformers, vLLM, SGLang) without remote code")

@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..entry_points import program_name
 from ..loading import (
     DEMO_NAME,
     add_model_args,
@@ -29,7 +30,8 @@ To try the server without one, --demo serves a tiny random model (its replies ar
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="openai_api.py", description="OpenAI-compatible API for a Qwen v1 checkpoint")
+    p = argparse.ArgumentParser(prog=program_name("openai_api.py"),
+                                description="OpenAI-compatible API for a Qwen v1 checkpoint")
     p.add_argument("-c", "--checkpoint-path", help="original Qwen checkpoint folder")
     p.add_argument("--demo", action="store_true",
                    help=f"serve a tiny random model named {DEMO_NAME} (no download; replies are random text)")
