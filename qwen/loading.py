@@ -69,7 +69,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "--int8/--int4; on a CPU the stored dtype for fp32 weights, else bf16 on CPUs with "
                              "AVX-512 BF16 or AMX, fp32 on others). With --int8/--int4 on a CPU it is the activations' "
                              "dtype: float32 quantizes the stored weights, then runs the rest in fp32 (llama.cpp's "
-                             "precision; README: Which quantization to use when)")
+                             "precision; docs/quantization.md: Which quantization to use when)")
     quant = parser.add_mutually_exclusive_group()
     quant.add_argument("--int8", action="store_true", help="int8 weight-only Linear layers (faster on CPU)")
     quant.add_argument("--int4", action="store_true",

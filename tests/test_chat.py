@@ -28,6 +28,7 @@ from qwen.tiny import TINY_MAX_NEW_TOKENS
 
 IM_START, IM_END, ENDOFTEXT, NL = 151644, 151645, 151643, 198
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"  # the documentation pages, where the README's sections moved
 GREEDY = {"do_sample": False}
 
 
@@ -547,24 +548,29 @@ def test_decode_tokens_end_reason(tokenizer, capsys):
     assert "Hello there!" in out and "<|im_end|>" in out
 
 
-# ----- README -------------------------------------------------------------------------------------
+# ----- README and docs/ -----------------------------------------------------------------------------
 
 
-def readme_block(heading: str) -> str:
+def readme_block(heading: str, path: Path = README) -> str:
     """The first ```python block under the heading that starts with ``heading`` (before the next heading of
-    the same level)."""
-    text = README.read_text(encoding="utf-8")
+    the same level) in ``path`` (the README unless given)."""
+    text = path.read_text(encoding="utf-8")
     match = re.search(rf"^{re.escape(heading)}[^\n]*$(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
-    assert match, f"README has no {heading!r} section"
+    assert match, f"{path.name} has no {heading!r} section"
     block = re.search(r"^```python\n(.*?)^```", match.group(1), flags=re.M | re.S)
     assert block, f"no python block under {heading!r}"
     return block.group(1)
 
 
+def docs_block(page: str, heading: str) -> str:
+    """readme_block for a page of docs/ (``page`` as "getting-started.md")."""
+    return readme_block(heading, DOCS / page)
+
+
 def test_readme_notebook_quick_start(tiny_chat, capsys):
-    code = readme_block("## Quick start (notebook)")
+    code = docs_block("getting-started.md", "## Quick start (notebook)")
     assert '"Qwen-7B-Chat"' in code
     code = code.replace('"Qwen-7B-Chat"', repr(str(tiny_chat)))
-    exec(compile(code, "README.md:quick-start", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, "docs/getting-started.md:quick-start", "exec"), {"__name__": "__readme__"})
     out = capsys.readouterr().out
     assert out.startswith("The capital of France is")

@@ -137,7 +137,7 @@ def corpus(qtok: QWenTokenizer) -> list[str]:
     (in shuffled groups of 40, so token boundaries meet in every way)."""
     rng = random.Random(0)
     texts = [p.read_text(encoding="utf-8") for p in sorted((ROOT / "qwen").rglob("*.py"))]
-    texts += [(ROOT / "README.md").read_text(encoding="utf-8")]
+    texts += [p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
     texts += [
         "通义千问是阿里云研发的大语言模型。它能回答问题、写代码、翻译文本。", "我今天去了北京的故宫，人很多！",
         "日本語のテキストも少し。한국어 문장도 있습니다.", "Ünïcödé façade, naïve café — “quotes” … 1,234.56€",
@@ -198,15 +198,16 @@ def _messages(query: str, history: list[tuple[str, str]], system: str) -> list[d
 
 
 def test_readme_export_snippet_runs_as_written(sources, tmp_path, capsys):
-    """The README's Python export example, on a tiny checkpoint: export, load with plain transformers, chat
-    through apply_chat_template and generate (a BatchEncoding, not a tensor, under transformers 5.25)."""
-    from test_chat import readme_block
+    """The Python export example of docs/export.md (once the README's), on a tiny checkpoint: export, load with
+    plain transformers, chat through apply_chat_template and generate (a BatchEncoding, not a tensor, under
+    transformers 5.25)."""
+    from test_chat import docs_block
 
-    code = readme_block("## Export")
+    code = docs_block("export.md", "## Export")
     assert '"Qwen-7B-Chat-qwen2"' in code and '"Qwen-7B-Chat"' in code
     code = code.replace('"Qwen-7B-Chat-qwen2"', repr(str(tmp_path / "out"))).replace(
         '"Qwen-7B-Chat"', repr(str(sources["chat"])))
-    exec(compile(code, "README.md:export", "exec"), {"__name__": "__readme__"})
+    exec(compile(code, "docs/export.md:export", "exec"), {"__name__": "__readme__"})
     assert (tmp_path / "out" / "config.json").is_file()
     assert capsys.readouterr().out.strip()  # the notes and a decoded reply (random text from a random model)
 

@@ -30,7 +30,7 @@ from ..modeling import QWenLMHeadModel
 
 ROPE_SCALINGS = ("none", "dynamic", "yarn")
 # For models that use dynamic NTK (all but 72B): the choice whose logits drift least from ours past seq_length
-# (see measure_drift and the README table).
+# (see measure_drift and the table in docs/export.md).
 DEFAULT_ROPE_SCALING = "dynamic"
 DEFAULT_FACTORS = {"dynamic": 2.0, "yarn": 4.0}
 
@@ -127,7 +127,7 @@ def least_drift(table: dict[str, dict[float, Drift]], seq_length_multiple: float
 
 
 def format_table(table: dict[str, dict[float, Drift]], seq_length: int) -> str:
-    """The drift table as Markdown (the README's)."""
+    """The drift table as Markdown (docs/export.md's)."""
     multiples = sorted(next(iter(table.values())))
     head = "| prompt length | " + " | ".join(f"`{n}` max / mean abs, top-1" for n in table) + " |"
     lines = [head, "|" + " --- |" * (len(table) + 1)]
