@@ -14,7 +14,7 @@ ceiling is bandwidth / the bytes a decode step reads, reported for a copy's and 
 bandwidth (see ``bandwidths``). Those bytes are the weights less the embedding table, of which a step reads
 one row per sequence ("read GiB"; "weights GiB" counts it whole).
 Memory: "weights GiB" is the runner's parameters and buffers, "working GiB" how far the process's
-resident memory rose during a 1024-token prefill and a batch-8 decode (KV cache, activations,
+resident memory rose during a 1024-token prefill and a decode at the largest batch (KV cache, activations,
 temporaries), measured after handing free heap pages back to the OS; on a GPU, how far PyTorch's
 peak allocated memory rose.
 """
@@ -167,12 +167,13 @@ def working_memory(fn: Callable[[], object], device: torch.device) -> int:
 
 
 def measure(run: Runner, device: torch.device, prompt_len: int, prefill_len: int, new_tokens: int,
-            memory: bool) -> dict[str, float]:
-    """One round of every measurement for one runner (the same prompts every round); with ``memory``,
-    also an untimed pass for its working memory: a prefill of ``prefill_len`` then a batch-8 decode."""
+            memory: bool, batches: tuple[int, ...] = (1, 8)) -> dict[str, float]:
+    """One round of every measurement for one runner (the same prompts every round): decode at each batch size
+    of ``batches``, and a prefill; with ``memory``, also an untimed pass for its working memory: a prefill of
+    ``prefill_len`` then a decode at the largest batch."""
     gen = torch.Generator().manual_seed(0)
     row = {}
-    prompts = {batch: torch.randint(0, 150000, (batch, prompt_len), generator=gen).to(device) for batch in (1, 8)}
+    prompts = {batch: torch.randint(0, 150000, (batch, prompt_len), generator=gen).to(device) for batch in batches}
     for batch, ids in prompts.items():
         run(ids, 2)  # warm-up
         first = min(timed(lambda p=ids: run(p, 1)) for _ in range(2))
@@ -183,19 +184,21 @@ def measure(run: Runner, device: torch.device, prompt_len: int, prefill_len: int
     run(long_prompt[:, :64], 1)  # the first run at a new length also pays for allocations
     row["prefill tok/s"] = prefill_len / timed(lambda: run(long_prompt, 1))
     if memory:
-        row["working GiB"] = working_memory(lambda: (run(long_prompt, 1), run(prompts[8], 1 + new_tokens)), device)
+        largest = prompts[max(batches)]
+        row["working GiB"] = working_memory(lambda: (run(long_prompt, 1), run(largest, 1 + new_tokens)), device)
         row["working GiB"] /= 2**30
     return row
 
 
-def best_of_rounds(runners: dict[str, Runner], rounds: int, device: torch.device, *sizes: int) -> list[dict]:
+def best_of_rounds(runners: dict[str, Runner], rounds: int, device: torch.device, *sizes: int,
+                   batches: tuple[int, ...] = (1, 8)) -> list[dict]:
     """The runners take turns, ``rounds`` times, so a slow spell of this shared machine hits them all
     alike instead of one runner's whole row; each keeps its best rate (and its working memory from
     the first round)."""
     rows = {name: {"runner": name} for name in runners}
     for round_ in range(rounds):
         for name, run in runners.items():
-            for key, value in measure(run, device, *sizes, memory=round_ == 0).items():
+            for key, value in measure(run, device, *sizes, memory=round_ == 0, batches=batches).items():
                 rows[name][key] = max(rows[name].get(key, 0.0), value)
     return list(rows.values())
 
@@ -237,7 +240,8 @@ def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: d
 
     def engine(weights: QWenLMHeadModel, compile: bool = False) -> Runner:
         # prefix cache off: the rounds repeat one prompt, whose prefill is measured
-        return engine_runner(Engine(weights, tokenizer, max_batch_size=8, max_model_len=max_len, compile=compile,
+        return engine_runner(Engine(weights, tokenizer, max_batch_size=max(args.batches), max_model_len=max_len,
+                                    compile=compile,
                                     prefix_cache_bytes=0))
 
     models = {"qwen engine": model, "qwen model.generate": model, "transformers Qwen2": to_qwen2(model)}
@@ -255,7 +259,7 @@ def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: d
         name = f"qwen engine int8 ({kernel} kernel)"
         models[name] = quantize_int8_(copy.deepcopy(model), kernel=kernel)
         runners[name] = engine(models[name])
-    rows = best_of_rounds(runners, args.rounds, device, 32, args.prefill, args.new_tokens)
+    rows = best_of_rounds(runners, args.rounds, device, 32, args.prefill, args.new_tokens, batches=args.batches)
 
     weight_bytes = decode_read_bytes(model)
     reference = next(row for row in rows if row["runner"] == "transformers Qwen2")["decode b1 tok/s"]
@@ -265,8 +269,10 @@ def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: d
     for kind, rate in bandwidth.items():
         print(f"{kind} bandwidth {rate / 1e9:.1f} GB/s -> batch-1 decode ceiling {rate / weight_bytes:.2f} tok/s")
     print()
+    top = max(args.batches)
     cols = ["runner", "decode b1 tok/s", "% of copy ceiling", "% of read ceiling", "vs Qwen2 b1",
-            "decode b8 tok/s", "b8/b1", "prefill tok/s", "weights GiB", "read GiB", "working GiB"]
+            *(f"decode b{n} tok/s" for n in args.batches[1:]), f"b{top}/b1", "prefill tok/s", "weights GiB",
+            "read GiB", "working GiB"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for row in rows:
@@ -276,11 +282,18 @@ def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: d
         for kind, rate in bandwidth.items():
             row[f"% of {kind} ceiling"] = 100 * b1 * row["read GiB"] * 2**30 / rate
         row["vs Qwen2 b1"] = b1 / reference
-        row["b8/b1"] = row["decode b8 tok/s"] / b1
+        row[f"b{top}/b1"] = row[f"decode b{top} tok/s"] / b1
         print("| " + " | ".join(row[c] if isinstance(row[c], str) else f"{row[c]:.2f}" for c in cols) + " |")
         for kind, rate in bandwidth.items():
             row[f"{kind} ceiling tok/s"] = rate / (row["read GiB"] * 2**30)
     return rows
+
+
+def batch_sizes(text: str) -> tuple[int, ...]:
+    sizes = tuple(sorted({int(n) for n in text.split(",") if n.strip()}))
+    if not sizes or sizes[0] != 1:
+        raise argparse.ArgumentTypeError("batch sizes are positive integers, 1 among them (the ceiling's reference)")
+    return sizes
 
 
 def main() -> None:
@@ -291,6 +304,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3, help="turns each runner takes; its best is reported")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--compile", action="store_true", help="also run the engine with its compiled decode step")
+    parser.add_argument("--batches", type=batch_sizes, default=(1, 8), metavar="N,N,...",
+                        help="decode batch sizes, 1 first (default: 1,8; e.g. 1,2,4,8,16 for the chart's curve)")
     add_json_arg(parser)
     args = parser.parse_args()
     bandwidth = bandwidths(torch.device(args.device))

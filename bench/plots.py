@@ -7,7 +7,7 @@ One chart per results file, by the bench that wrote it:
 
 - ``llamacpp``: ours against llama.cpp per precision (decode at batch 1 and 8, a 512-token prompt), KL from
   each side's own bf16 in the labels;
-- ``generate``: batch-1 decode against the bandwidth ceiling it implies, and decode at batch 1 against batch 8,
+- ``generate``: batch-1 decode against the bandwidth ceiling it implies, and decode tokens/s against batch size,
   per runner;
 - ``serve``: server throughput and time to first token against concurrent clients.
 
@@ -78,11 +78,14 @@ def plot_generate(record: dict):
         grouped_bars(left, runners, {"decode b1 tok/s": [r["decode b1 tok/s"] for r in rows],
                                      **{k.replace(" tok/s", ""): v for k, v in ceilings.items()}}, "tokens/s")
         left.set_title(f"{name}: batch-1 decode against the bandwidth ceiling")
-        grouped_bars(right, runners, {"batch 1": [r["decode b1 tok/s"] for r in rows],
-                                      "batch 8": [r["decode b8 tok/s"] for r in rows]}, "tokens/s")
-        right.set_title(f"{name}: decode tokens/s at batch 1 and 8")
+        batches = sorted(int(k[len("decode b"):-len(" tok/s")]) for k in rows[0] if k.startswith("decode b"))
+        for r in rows:
+            right.plot(batches, [r[f"decode b{n} tok/s"] for n in batches], marker="o", label=r["runner"])
+        right.set_xscale("log", base=2)
+        right.set_xticks(batches, [str(n) for n in batches])
+        right.set(xlabel="sequences decoded together", ylabel="tokens/s", title=f"{name}: decode against batch size")
+        left.tick_params(axis="x", labelrotation=20, labelsize=7)
         for ax in (left, right):
-            ax.tick_params(axis="x", labelrotation=20, labelsize=7)
             ax.legend(fontsize=7)
     return fig
 

@@ -26,9 +26,13 @@ def add_json_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _commit() -> str:
+    """The checkout's commit, "+dirty" when tracked files differ from it (the figures then come from code that
+    commit does not hold)."""
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+
+        return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "-uno") else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
