@@ -22,7 +22,7 @@ from ..lora import AdapterRegistry
 from .access_log import AccessLog
 from .errors import install_error_handlers
 from .metrics import Metrics
-from .response_store import ResponseStore
+from .response_store import MAX_STORED_RESPONSES, ResponseStore
 from .routes import admin, chat, completions, models, responses_api, tokenize
 from .state import ServerState
 
@@ -39,7 +39,7 @@ def create_app(
     metrics_public: bool = False,
     max_queue: int | None = None,
     adapters: AdapterRegistry | None = None,
-    max_stored_responses: int = 1000,
+    max_stored_responses: int = MAX_STORED_RESPONSES,
 ) -> FastAPI:
     """Build the app around an engine (started and stopped with the app). With ``max_queue``, a request
     arriving while that many wait for a batch slot is answered 503 at once (with Retry-After), so an

@@ -23,6 +23,7 @@ from ..loading import (
 )
 from ..ports import API_PORT, port_number, port_problem
 from ..prefix_cache import PREFILL_CHUNK
+from .response_store import MAX_STORED_RESPONSES
 
 NO_CHECKPOINT = """error: no checkpoint given. Pass -c/--checkpoint-path with an original Qwen v1 folder
 (e.g. a downloaded Qwen-7B-Chat: config.json, model*.safetensors, qwen.tiktoken, ...).
@@ -67,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="on SIGTERM or Ctrl-C: new requests get 503 while running ones finish, for at most this long; "
                         "those still running then end with finish_reason \"abort\", and the server exits 0. A second "
                         "signal stops at once (default: %(default)s; docker stop waits 10 s unless given -t)")
-    p.add_argument("--max-stored-responses", type=non_negative_int, default=1000, metavar="N",
+    p.add_argument("--max-stored-responses", type=non_negative_int, default=MAX_STORED_RESPONSES, metavar="N",
                    help="Responses API responses kept in memory for previous_response_id and GET /v1/responses/ID, "
                         "the most recently used first; 0 keeps none (default: %(default)s)")
     p.add_argument("--cors-origins", default="", help="comma-separated origins allowed by CORS")

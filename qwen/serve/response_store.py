@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+MAX_STORED_RESPONSES = 1000  # the default bound (openai_api.py --max-stored-responses)
+
 
 class ResponseStore:
     def __init__(self, max_entries: int) -> None:

@@ -87,6 +87,8 @@ def text_offsets(pieces: list[bytes], start: int = 0) -> list[int]:
         offsets.append(position)
         position += len(decoder.decode(piece))
     return offsets
+
+
 def token_text(tokenizer: QWenTokenizer, token_id: int) -> bytes:
     """A token's bytes (special tokens as their text; ids without a token as nothing)."""
     raw = tokenizer.decoder.get(token_id, b"")

@@ -20,7 +20,7 @@ from ..engine import Engine
 from ..lora import AdapterRegistry
 from .errors import APIError
 from .metrics import Metrics
-from .response_store import ResponseStore
+from .response_store import MAX_STORED_RESPONSES, ResponseStore
 
 if TYPE_CHECKING:
     from transformers import GenerationConfig
@@ -43,7 +43,7 @@ class ServerState:
     api_keys: set[str] = field(default_factory=set)
     basic_auth: str | None = None
     metrics_public: bool = False
-    responses: ResponseStore = field(default_factory=lambda: ResponseStore(1000))
+    responses: ResponseStore = field(default_factory=lambda: ResponseStore(MAX_STORED_RESPONSES))
     created_at: int = field(default_factory=lambda: int(time.time()))
     tokenizer: QWenTokenizer = field(init=False)
     generation: GenerationConfig = field(init=False)
