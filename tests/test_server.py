@@ -1021,6 +1021,20 @@ def test_prometheus_metrics_move_with_streaming_load(tiny_chat, tmp_path):
     assert ("qwen:prefix_cache_lookups_total", ()) in after
 
 
+def stream_completion(url: str, body: dict) -> tuple[str | None, bool]:
+    """Stream a completion to its end: the last finish reason it carried and whether it ended with [DONE] (False
+    when the server cut the connection)."""
+    reason, done = None, False
+    with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", url + "/v1/completions", json=body,
+                                                            timeout=120) as response:
+        for line in response.iter_lines():
+            if line == "data: [DONE]":
+                done = True
+            elif line.startswith("data: {"):
+                reason = json.loads(line[6:])["choices"][0]["finish_reason"] or reason
+    return reason, done
+
+
 @pytest.mark.parametrize("timeout", ["30", "1"])
 def test_sigterm_drains_streams_then_exits_0(tiny_chat, tmp_path, timeout):
     """SIGTERM with 8 clients streaming: a new request gets 503, every stream ends with a finish reason and [DONE]
@@ -1033,16 +1047,9 @@ def test_sigterm_drains_streams_then_exits_0(tiny_chat, tmp_path, timeout):
                        log=tmp_path / "server.log") as server:
 
         def stream(i: int) -> tuple[str | None, bool]:
-            body = {"model": MODEL, "prompt": f"story {i}", "stream": True, "temperature": 0,
-                    "max_tokens": 4000 if long else 400, "repetition_penalty": 1.0}
-            reason, done = None, False
-            with httpx.stream("POST", server.url + "/v1/completions", json=body, timeout=120) as response:
-                for line in response.iter_lines():
-                    if line == "data: [DONE]":
-                        done = True
-                    elif line.startswith("data: {"):
-                        reason = json.loads(line[6:])["choices"][0]["finish_reason"] or reason
-            return reason, done
+            return stream_completion(server.url, {"model": MODEL, "prompt": f"story {i}", "stream": True,
+                                                  "temperature": 0, "max_tokens": 4000 if long else 400,
+                                                  "repetition_penalty": 1.0})
 
         with ThreadPoolExecutor(8) as pool:
             futures = [pool.submit(stream, i) for i in range(8)]
@@ -1076,12 +1083,8 @@ def test_a_second_signal_stops_at_once(tiny_chat, tmp_path):
 
         def stream() -> bool:
             """Whether the stream ended with [DONE]."""
-            body = {"model": MODEL, "prompt": "story", "stream": True, "max_tokens": 4000, "repetition_penalty": 1.0}
-            lines = []
-            with contextlib.suppress(httpx.HTTPError), httpx.stream("POST", server.url + "/v1/completions", json=body,
-                                                                    timeout=120) as response:
-                lines.extend(response.iter_lines())
-            return "data: [DONE]" in lines
+            return stream_completion(server.url, {"model": MODEL, "prompt": "story", "stream": True,
+                                                  "max_tokens": 4000, "repetition_penalty": 1.0})[1]
 
         with ThreadPoolExecutor(2) as pool:
             futures = [pool.submit(stream) for _ in range(2)]
