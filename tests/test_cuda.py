@@ -131,6 +131,18 @@ def test_flash_attn_matches_eager_attention(dtype):
         assert (ref - got.float()).abs().max() < 2e-2
 
 
+def test_triton_int8_kernel_is_opt_in(monkeypatch):
+    """Until bench/gpu_check.sh has passed on a GPU, int8 layers on CUDA dequantize unless QWEN_TRITON_INT8=1."""
+    for value, expected in ((None, False), ("0", False), ("1", True)):
+        if value is None:
+            monkeypatch.delenv("QWEN_TRITON_INT8", raising=False)
+        else:
+            monkeypatch.setenv("QWEN_TRITON_INT8", value)
+        triton_int8.available.cache_clear()
+        assert triton_int8.available() is expected
+    triton_int8.available.cache_clear()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_triton_int8_kernel_equals_the_dequantized_matmul(dtype):
     """qwen's Triton int8 kernel (decoding with --int8 on CUDA) over odd shapes and 1..16 rows."""
