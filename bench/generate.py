@@ -37,6 +37,7 @@ from peak_rss import PeakRSS  # bench/peak_rss.py (the script's folder is on sys
 from results import add_json_arg, save
 
 import qwen  # noqa: F401
+from qwen import cpu_kernels
 from qwen.config import QWenConfig
 from qwen.convert import to_qwen2
 from qwen.cpu_kernels import use_cpu_kernels_
@@ -139,6 +140,17 @@ def engine_runner(engine: Engine) -> Runner:
     def run(prompts: torch.Tensor, new: int) -> object:
         return engine.generate(prompts.tolist(), SamplingParams(max_new_tokens=new, do_sample=False))
     return run
+
+
+def without_amx(run: Runner) -> Runner:
+    """``run`` with the bf16 kernel kept to AVX-512 (``QWEN_BF16_AMX=0``'s path): AMX's gain in the same run."""
+    def wrapped(prompts: torch.Tensor, new: int) -> object:
+        cpu_kernels.BF16_AMX = False
+        try:
+            return run(prompts, new)
+        finally:
+            cpu_kernels.BF16_AMX = True
+    return wrapped
 
 
 def release_free_memory() -> None:
@@ -250,6 +262,9 @@ def bench(shape: str, dtype: torch.dtype, args: argparse.Namespace, bandwidth: d
         "qwen model.generate": hf_runner(model),
         "transformers Qwen2": hf_runner(models["transformers Qwen2"]),
     }
+    if cpu_kernels.BF16_AMX and dtype == torch.bfloat16 and device.type == "cpu":
+        models["qwen engine, bf16 AVX-512 only"] = model
+        runners["qwen engine, bf16 AVX-512 only"] = without_amx(engine(model))
     if args.compile:
         models["qwen engine compiled"] = model
         runners["qwen engine compiled"] = engine(model, compile=True)

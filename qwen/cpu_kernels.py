@@ -9,9 +9,9 @@ kernel streams the weights. Three kernels do that better than PyTorch's on AVX-5
   layout: GPTQ int4 folders, and ``--int4`` where the block kernel cannot run), with activations quantized to
   int8 for integer dot products (AVX-512 VNNI, or AVX2);
 * ``torch.ops.qwen.bf16_matmul`` (``bf16_matvec.cpp``): bf16 layers, on CPUs with AVX-512 BF16 dot
-  products (``avx512_bf16``). ``Bf16Linear`` is an ``nn.Linear`` that runs it for a few rows of bf16
-  activations without gradients (decoding) and PyTorch's matmul otherwise; models loaded onto the
-  CPU get it (``use_cpu_kernels_``).
+  products (``avx512_bf16``), on AMX tiles where the CPU has them. ``Bf16Linear`` is an ``nn.Linear`` that runs
+  it for decode steps (bf16 activations, one token per sequence, no gradients) and PyTorch's matmul otherwise;
+  models loaded onto the CPU get it (``use_cpu_kernels_``).
 
 Each is compiled by ``torch.utils.cpp_extension`` (about 15 s; cached under
 ``~/.cache/torch_extensions`` or ``$TORCH_EXTENSIONS_DIR``) and needs a C++ compiler and ninja (a
@@ -38,10 +38,30 @@ from torch import nn
 
 logger = logging.getLogger(__name__)
 
-# Activation rows up to which the bf16 kernel runs. Measured on an idle 2-core Xeon with AMX against
-# PyTorch's matmul (oneDNN, AMX): 1.1-2.4x faster at 1 row over the 1.8B layer shapes, 1.1-1.5x at 3,
-# even at 4, 0.7-0.8x at 8, where AMX's tiles win.
-BF16_KERNEL_MAX_ROWS = 3
+# Whether the bf16 kernel multiplies on AMX tiles (CPUs with AMX: Xeon Sapphire Rapids and later; QWEN_BF16_AMX=0
+# keeps it to AVX-512 BF16, to compare). AMX reads each weight once for up to 32 activation rows at about the cost
+# of one; AVX-512 is compute-bound past a few rows.
+BF16_AMX = os.environ.get("QWEN_BF16_AMX", "1") != "0" and torch.cpu._is_amx_tile_supported()
+
+
+# Without AMX the bf16 kernel serves decode steps of up to this many sequences, PyTorch's matmul (oneDNN) larger
+# ones. Measured on an idle 2-core Xeon over the 1.8B layer shapes against oneDNN with AMX: AVX-512 alone is
+# 1.1-2.4x faster at 1 row, 1.1-1.5x at 3, even at 4, 0.7-0.8x at 8 (compute-bound). With AMX the kernel is
+# 1.3-2.1x faster than oneDNN at 1 to 32 rows, 0.9-1.2x at 64, and serves every decode step, so a sequence's
+# numbers never depend on how many others decode with it; prompts stay with oneDNN (1.2-2.4x ours at 1024 rows).
+BF16_AVX512_MAX_ROWS = 3
+
+
+def one_token_each(x: torch.Tensor) -> bool:
+    """Whether a layer runs its decode kernel on ``x`` (quantized layers rather than a dequantized matmul,
+    ``Bf16Linear`` rather than PyTorch's): when each sequence brings one token (``[..., 1, in]``, a decode step,
+    however many sequences; or 2-D rows, one per sequence, as an lm_head over last positions gets). A prompt's
+    tokens (``[batch, tokens > 1, in]``) take the dequantized weight (bf16: PyTorch's matmul) and one matmul: the
+    kernels are matrix-vector loops whose time grows with every row (a 2048x5504 int8 layer: 5.7 ms at 32 rows
+    against 9.0 ms dequantized, 172 against 27 ms at 1024). The two paths round differently, so choosing by the
+    tokens each sequence brings, not by the batch's row count, keeps a request's numbers (and its greedy reply)
+    the same whoever is batched with it; the engine never prefills one column alone."""
+    return x.dim() < 3 or x.shape[-2] == 1
 
 
 def build_folder(name: str) -> Path:
@@ -60,7 +80,7 @@ def build_folder(name: str) -> Path:
 KERNELS = {
     "int8": ("block_matvec", ["-mavx512f"]),
     "int4": ("int4_matvec", []),  # per-function targets: AVX-512 VNNI or AVX2, picked at run time
-    "bf16": ("bf16_matvec", ["-mavx512f", "-mavx512bw", "-mavx512bf16"]),
+    "bf16": ("bf16_matvec", ["-mavx512f", "-mavx512bw", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]),
 }
 
 
@@ -173,22 +193,25 @@ def qwen_bf16_kernel():
         return None
     if not _build("bf16", *KERNELS["bf16"]):
         return None
-    torch.library.register_fake("qwen::bf16_matmul")(lambda x, w, bias=None: x.new_empty(x.shape[0], w.shape[0]))
+    torch.library.register_fake("qwen::bf16_matmul")(
+        lambda x, w, bias=None, amx=True: x.new_empty(x.shape[0], w.shape[0]))
     return torch.ops.qwen.bf16_matmul
 
 
 class Bf16Linear(nn.Linear):
-    """An ``nn.Linear`` (same parameters, same state dict) whose decoding runs qwen's bf16 kernel: up to
-    ``BF16_KERNEL_MAX_ROWS`` rows of bf16 activations on the CPU, with no gradient to compute.
-    Everything else (training, prefill, other dtypes or devices) runs PyTorch's matmul."""
+    """An ``nn.Linear`` (same parameters, same state dict) whose decode steps (``one_token_each``: bf16
+    activations on the CPU, no gradient to compute; without AMX, up to ``BF16_AVX512_MAX_ROWS`` sequences) run
+    qwen's bf16 kernel. Everything else (training, prompts, other dtypes or devices) runs PyTorch's matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16
-                or flat.shape[0] > BF16_KERNEL_MAX_ROWS or not self.weight.is_contiguous()
+                or not one_token_each(x) or (not BF16_AMX and flat.shape[0] > BF16_AVX512_MAX_ROWS)
+                or not self.weight.is_contiguous()
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return F.linear(x, self.weight, self.bias)
-        return torch.ops.qwen.bf16_matmul(flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
+        out = torch.ops.qwen.bf16_matmul(flat, self.weight, self.bias, BF16_AMX)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
 
 def use_cpu_kernels_(model: nn.Module) -> nn.Module:

@@ -1,6 +1,7 @@
-"""qwen's bf16 CPU kernel (``torch.ops.qwen.bf16_matmul``, AVX-512 BF16) and ``Bf16Linear``: against a
-float64 reference over odd shapes and tails, the fallbacks (gradients, long inputs, other dtypes),
-and bf16 models loaded on the CPU, which decode through it."""
+"""qwen's bf16 CPU kernel (``torch.ops.qwen.bf16_matmul``: AMX tiles where the CPU has them, AVX-512 BF16) and
+``Bf16Linear``: against a float64 reference over odd shapes and tails on both paths, the fallbacks (gradients,
+prompts, other dtypes), and bf16 models loaded on the CPU, which decode through it, each sequence to the same
+bits alone and in a batch."""
 
 from __future__ import annotations
 
@@ -9,39 +10,47 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from qwen.cpu_kernels import BF16_KERNEL_MAX_ROWS, Bf16Linear, qwen_bf16_kernel, use_cpu_kernels_
+from qwen import cpu_kernels
+from qwen.cpu_kernels import BF16_AVX512_MAX_ROWS, Bf16Linear, qwen_bf16_kernel, use_cpu_kernels_
 from qwen.engine import Engine
 from qwen.sampling import SamplingParams
 
 pytestmark = pytest.mark.skipif(not torch.cpu._is_avx512_bf16_supported(), reason="needs a CPU with avx512_bf16")
+needs_amx = pytest.mark.skipif(not cpu_kernels.BF16_AMX, reason="needs a CPU with AMX (and QWEN_BF16_AMX not 0)")
+# Both paths where this CPU has AMX (amx=True falls back to AVX-512 where it has not, and is then that path again).
+PATHS = [pytest.param(True, id="amx", marks=needs_amx), pytest.param(False, id="avx512")]
 
 
-@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17])
+@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("rows", [1, 2, 7, 8, 9, 17, 32, 33])
 @pytest.mark.parametrize(("n", "k"), [(1, 32), (33, 37), (100, 2048), (5504, 64), (64, 5504)])
-def test_kernel_equals_float64_reference(rows, n, k):
+def test_kernel_equals_float64_reference(rows, n, k, amx):
+    """Shapes that take AMX's tiles in part (100 = 6 blocks of 16 weight rows + 4 on AVX-512; one or two tiles of
+    activation rows, 33 = a second pass), and shapes it leaves to AVX-512 (n < 16, k not a multiple of 32)."""
     op = qwen_bf16_kernel()
     assert op is not None  # built on this machine, or the test is pointless
     g = torch.Generator().manual_seed(rows * n + k)
     x, w = torch.randn(rows, k, generator=g).bfloat16(), torch.randn(n, k, generator=g).bfloat16()
-    ref = x.double() @ w.double().t()
-    got = op(x, w)
+    bias = torch.randn(n, generator=g).bfloat16()
+    ref = x.double() @ w.double().t() + bias.double()
+    got = op(x, w, bias, amx)
     assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
     # fp32 accumulation, one bf16 rounding of the result (relative 2^-8)
     assert ((got.double() - ref).abs() <= 2**-8 * ref.abs() + 1e-3 * k**0.5).all()
 
 
-def test_a_rows_output_does_not_depend_on_the_rows_beside_it():
-    """Each activation row gets the same arithmetic however many rows come with it (passes of up to 8 rows over
-    whole weight rows), so a decode step the kernel serves gives a sequence the same output to the bit alone and
-    in a batch. (Past BF16_KERNEL_MAX_ROWS rows Bf16Linear takes PyTorch's matmul, whose rounding differs: the
-    kernel is compute-bound there, 0.4-0.9x oneDNN's AMX matmul at 8-16 rows.)"""
+@pytest.mark.parametrize("amx", PATHS)
+def test_a_rows_output_does_not_depend_on_the_rows_beside_it(amx):
+    """Each activation row gets the same arithmetic however many rows come with it (AMX: tiles of 16 weight rows
+    times up to 32 activation rows, per element the same sum; AVX-512: passes of up to 8 rows over whole weight
+    rows), so a decode step the kernel serves gives a sequence the same output to the bit alone and in a batch."""
     op = qwen_bf16_kernel()
     g = torch.Generator().manual_seed(11)
-    x, w = torch.randn(20, 5504, generator=g).bfloat16(), torch.randn(48, 5504, generator=g).bfloat16()
-    full = op(x, w)
-    for rows in (1, 3, 8, 16, 17):
-        assert torch.equal(op(x[:rows], w), full[:rows])
-    assert all(torch.equal(op(x[i : i + 1], w)[0], full[i]) for i in range(20))
+    x, w = torch.randn(40, 5504, generator=g).bfloat16(), torch.randn(56, 5504, generator=g).bfloat16()
+    full = op(x, w, None, amx)
+    for rows in (1, 3, 8, 16, 17, 32, 33):
+        assert torch.equal(op(x[:rows], w, None, amx), full[:rows])
+    assert all(torch.equal(op(x[i : i + 1], w, None, amx)[0], full[i]) for i in range(40))
 
 
 def test_the_bias_is_added_before_the_one_rounding_and_a_strided_weight_is_refused():
@@ -99,11 +108,14 @@ def test_linear_uses_the_kernel_only_for_decoding():
     calls = []
     op = torch.ops.qwen.bf16_matmul.default
     with torch.no_grad(), _count(op, calls):
-        x = torch.randn(1, BF16_KERNEL_MAX_ROWS, 64).bfloat16()
+        x = torch.randn(BF16_AVX512_MAX_ROWS, 1, 64).bfloat16()  # a decode step: one token for each sequence
         torch.testing.assert_close(linear(x), reference(x), rtol=2e-2, atol=2e-2)
-        linear(torch.randn(BF16_KERNEL_MAX_ROWS + 1, 64).bfloat16())  # a prefill: PyTorch's matmul
+        linear(torch.randn(1, 2, 64).bfloat16())  # a prompt's tokens: PyTorch's matmul
+        assert len(calls) == 1
+        linear(torch.randn(40, 1, 64).bfloat16())  # a decode step of many sequences: the kernel where it has AMX
+        assert len(calls) == 1 + cpu_kernels.BF16_AMX
         linear.float()(torch.randn(1, 64))  # fp32: PyTorch's
-    assert len(calls) == 1
+    assert len(calls) == 1 + cpu_kernels.BF16_AMX
     linear.bfloat16()
     x = torch.randn(1, 64).bfloat16().requires_grad_()
     linear(x).sum().backward()  # training takes PyTorch's path, which has a backward
@@ -139,3 +151,44 @@ def test_bf16_model_on_the_cpu_decodes_through_the_kernel(tiny_chat, tokenizer):
                               eos_token_id=None)[0, len(ids):].tolist()
     assert seq.output_ids == expected
     assert AutoModelForCausalLM.from_pretrained(tiny_chat).lm_head.__class__ is nn.Linear  # fp32: untouched
+
+
+@pytest.fixture(scope="module")
+def wide_bf16(tmp_path_factory):
+    """A model wide enough (512 inputs to a layer, 2048 to the MLP's c_proj) that PyTorch's matmul and the kernel
+    round some outputs apart: on the 64-wide tiny checkpoint the two agree to the bit."""
+    from qwen.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("wide") / "m", hidden=512, heads=8, intermediate=4096, seed=5)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+
+@pytest.mark.parametrize("amx", PATHS)
+def test_a_decode_step_gives_a_sequence_the_same_numbers_alone_and_in_a_batch(wide_bf16, monkeypatch, amx):
+    """Six sequences decoding together and each alone from the same keys and values: the same logits to the bit at
+    every step, since every decode step takes the kernel (with AMX), which gives a row the same arithmetic whatever
+    its batch. Without AMX a step of more than BF16_AVX512_MAX_ROWS sequences goes to PyTorch's matmul, which
+    rounds apart: then the logits differ (the check that this test can fail). (Left out: a prompt's matmul is
+    oneDNN's, whose rounding can depend on the rows prefilled with it, and attention over a padded batch reduces
+    over more keys than alone.)"""
+    from transformers import DynamicCache
+
+    monkeypatch.setattr(cpu_kernels, "BF16_AMX", amx)
+    ids = torch.randint(0, 150000, (6, 7), generator=torch.Generator().manual_seed(0))
+    same = []
+    with torch.no_grad():
+        out = wide_bf16(ids, use_cache=True)
+        together_cache, alone_caches = out.past_key_values, []
+        for row in range(6):
+            cache = DynamicCache(config=wide_bf16.config)
+            for i, layer in enumerate(together_cache.layers):
+                cache.update(layer.keys[row : row + 1].clone(), layer.values[row : row + 1].clone(), i)
+            alone_caches.append(cache)
+        tokens = out.logits[:, -1].argmax(-1)
+        for _ in range(6):
+            together = wide_bf16(tokens[:, None], past_key_values=together_cache).logits[:, -1]
+            alone = torch.cat([wide_bf16(tokens[row : row + 1, None], past_key_values=cache).logits[:, -1]
+                               for row, cache in enumerate(alone_caches)])
+            same.append(torch.equal(together, alone))
+            tokens = together.argmax(-1)  # both go on with the same tokens
+    assert all(same) if amx else not all(same)

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cpu_kernels import qwen_int4_kernel, qwen_int8_kernel
+from ..cpu_kernels import one_token_each, qwen_int4_kernel, qwen_int8_kernel
 from . import triton_int8
 
 logger = logging.getLogger(__name__)
@@ -37,18 +37,6 @@ logger = logging.getLogger(__name__)
 DEQUANTIZED_BLOCK_BYTES = 8 << 20
 
 Kernel = Literal["auto", "qwen", "torch"]
-
-
-def one_token_each(x: torch.Tensor) -> bool:
-    """Whether a quantized layer runs its decode kernel on ``x`` rather than a dequantized matmul: when each
-    sequence brings one token (``[..., 1, in]``, a decode step, however many sequences; or 2-D rows, one per
-    sequence, as an lm_head over last positions gets). A prompt's tokens (``[batch, tokens > 1, in]``) take
-    the dequantized weight and one matmul: the kernels are matrix-vector loops whose time grows with every row
-    (a 2048x5504 int8 layer: 5.7 ms at 32 rows against 9.0 ms dequantized, 172 against 27 ms at 1024). The two
-    paths round differently, so choosing by the tokens each sequence brings, not by the batch's row count,
-    keeps a request's numbers (and its greedy reply) the same whoever is batched with it; the engine never
-    prefills one column alone."""
-    return x.dim() < 3 or x.shape[-2] == 1
 
 
 def dequantized_linear(flat: torch.Tensor, out_features: int, rows: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
