@@ -22,14 +22,17 @@ Docker image does, so a container starts without compiling); ``python -m qwen.cp
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
 import os
 import shutil
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -52,6 +55,21 @@ BF16_AMX = os.environ.get("QWEN_BF16_AMX", "1") != "0" and torch.cpu._is_amx_til
 BF16_AVX512_MAX_ROWS = 3
 
 
+_rows = threading.local()
+
+
+@contextlib.contextmanager
+def decode_rows() -> Iterator[None]:
+    """Within it (in this thread) every row counts as a decode step's (``one_token_each``), several tokens of one
+    sequence too: a speculative verification forward (``qwen.speculative``) then gets, at each position, the
+    numbers decoding those tokens one at a time would, from the same kernels."""
+    _rows.decode = True
+    try:
+        yield
+    finally:
+        _rows.decode = False
+
+
 def one_token_each(x: torch.Tensor) -> bool:
     """Whether a layer runs its decode kernel on ``x`` (quantized layers rather than a dequantized matmul,
     ``Bf16Linear`` rather than PyTorch's): when each sequence brings one token (``[..., 1, in]``, a decode step,
@@ -60,8 +78,9 @@ def one_token_each(x: torch.Tensor) -> bool:
     kernels are matrix-vector loops whose time grows with every row (a 2048x5504 int8 layer: 5.7 ms at 32 rows
     against 9.0 ms dequantized, 172 against 27 ms at 1024). The two paths round differently, so choosing by the
     tokens each sequence brings, not by the batch's row count, keeps a request's numbers (and its greedy reply)
-    the same whoever is batched with it; the engine never prefills one column alone."""
-    return x.dim() < 3 or x.shape[-2] == 1
+    the same whoever is batched with it; the engine never prefills one column alone. Within ``decode_rows``,
+    always."""
+    return x.dim() < 3 or x.shape[-2] == 1 or getattr(_rows, "decode", False)
 
 
 def build_folder(name: str) -> Path:

@@ -51,11 +51,13 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .chat import cut_text, stable_text
+from .cpu_kernels import decode_rows
 from .kv_cache import SlotKVCache
 from .lora import LoraAdapter, row_groups, use_lora
 from .modeling import QWenLMHeadModel, ntk_alpha
 from .prefix_cache import PREFILL_CHUNK, PREFIX_CACHE_BYTES, PrefixCache
-from .sampling import SamplingParams, TokenStats, device_tensor, select_tokens
+from .sampling import Rows, SamplingParams, TokenStats, device_tensor, select_tokens
+from .speculative import NgramIndex, SpeculationCounts, adapt
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +72,7 @@ if TYPE_CHECKING:
 # on an H200: 8 µs per layer for 256 keys; bench/gpu_profile.py measures the alternatives).
 DECODE_ATTENTION = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
 SCORE_BLOCK = 256  # prompt positions projected onto the vocabulary at once when scoring a prompt
+SPECULATIVE_TOKENS = 4  # the longest guess a speculative step checks per sequence (by default)
 
 
 @dataclass
@@ -118,6 +121,8 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     alpha: float = 1.0  # the dynamic-NTK alpha of its keys, fixed at admission from the prompt's length
     looked_up: bool = False  # whether the prefix cache was asked (once, before its first chunk)
+    ngram: NgramIndex | None = None  # with speculation: the n-grams of its tokens, for guesses
+    guess_len: int = 0  # with speculation: how many tokens its next guess may have (qwen.speculative.adapt)
 
     @property
     def prefilled(self) -> bool:
@@ -150,6 +155,11 @@ class Engine:
     ``prefill_chunk`` is the most prompt tokens one step prefills (default ``PREFILL_CHUNK``), between which
     running sequences decode a token. Smaller chunks keep streams smoother while a long prompt is read, but a
     burst of prompts then takes more steps (chunks of 512 made 8 prompts of 200 tokens 1.3x slower on a CPU).
+
+    ``draft="ngram"`` decodes speculatively (``qwen.speculative``): each step checks up to
+    ``num_speculative_tokens`` guessed tokens per sequence, from n-grams of its prompt and reply, in one forward,
+    and keeps those the model would have chosen. Not with window attention or the int8 KV cache (their stored
+    keys depend on the forward's chunk), nor with ``overlap``.
     """
 
     def __init__(
@@ -164,6 +174,8 @@ class Engine:
         decode_attention: tuple[SDPBackend, ...] | None = None,
         prefix_cache_bytes: int | None = None,
         prefill_chunk: int | None = None,
+        draft: str | None = None,
+        num_speculative_tokens: int = SPECULATIVE_TOKENS,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
@@ -192,6 +204,16 @@ class Engine:
         budget = PREFIX_CACHE_BYTES if prefix_cache_bytes is None else prefix_cache_bytes
         self.prefix_cache = PrefixCache(budget) if budget > 0 and not whole else None
         self.prefill_chunk = None if whole else prefill_chunk or PREFILL_CHUNK
+        if draft not in (None, "ngram"):
+            raise ValueError(f'draft must be None or "ngram", got {draft!r}')
+        if draft is not None and whole:
+            raise ValueError("speculative decoding (--speculative, draft=) does not work with window attention or the "
+                             "int8 KV cache (--window-attn, --kv-cache-int8, use_cache_quantization): leave one out")
+        if num_speculative_tokens < 1:
+            raise ValueError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
+        self.draft, self.num_speculative_tokens = draft, num_speculative_tokens
+        self.speculated = SpeculationCounts()
+        overlap = overlap and draft is None  # a guess needs the host to know every token so far
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -485,12 +507,8 @@ class Engine:
         positions = device_tensor(offsets, self.device)[:, None] + torch.arange(width, device=self.device)[None]
         slots = [s.slot for s in batch]
         kv_len = self.cache.begin_prefill(slots, offsets, counts)
-        mask = None  # from position 0, right padding needs only the causal mask
-        if any(offsets) or padded:
-            keys = torch.arange(kv_len, device=self.device)
-            real = torch.arange(width, device=self.device)[None] < device_tensor(counts, self.device)[:, None]
-            # A padding query may see every key (its output is never used) rather than none (NaN).
-            mask = ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]
+        # from position 0, right padding needs only the causal mask
+        mask = self._chunk_mask(positions, counts, kv_len) if any(offsets) or padded else None
         with use_lora(row_groups([s.adapter for s in batch], self.device)):
             hidden = self._hidden(ids, positions, mask, self.alpha[device_tensor(slots, self.device)])
         for row, (seq, n) in enumerate(zip(batch, counts, strict=True)):
@@ -516,6 +534,14 @@ class Engine:
             self._remember(seq)
         self._sample(seqs, slice(first, first + len(seqs)), logits)
 
+    def _chunk_mask(self, positions: torch.Tensor, counts: list[int], kv_len: int) -> torch.Tensor:
+        """The attention mask of a right-padded chunk whose row i holds ``counts[i]`` tokens at ``positions[i]``
+        after keys already in its slot: each query sees the keys up to its own position."""
+        keys = torch.arange(kv_len, device=self.device)
+        real = torch.arange(positions.shape[1], device=self.device)[None] < device_tensor(counts, self.device)[:, None]
+        # A padding query may see every key (its output is never used) rather than none (NaN).
+        return ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]
+
     def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Add the logprobs of the prompt tokens that the chunk's ``hidden`` states (from position ``seq.computed``
         on) predict, projected onto the vocabulary ``SCORE_BLOCK`` positions at a time (never [length, vocabulary]
@@ -538,6 +564,8 @@ class Engine:
                 seq.prompt_logprobs += zip(chosen, alts, strict=True)
 
     def _decode(self) -> None:
+        if self.draft is not None and self._speculate():
+            return
         n = len(self.running)
         # A compiled step sees a few batch sizes only; the padding rows decode in the slots above. One that
         # holds an admitted prompt is written where its next chunk will write anyway.
@@ -570,6 +598,49 @@ class Engine:
         previous, self._launched = self._launched, launched
         if previous is not None:
             self._collect(previous)
+
+    def _speculate(self) -> bool:
+        """A speculative step (see ``qwen.speculative``), if any running sequence has a guess: one forward over
+        each sequence's next token and its guess, then per position the selection a decode step would make,
+        kept while it equals the guess. False (nothing done) when no sequence has one."""
+        seqs = list(self.running)
+        guesses = [self._guess(seq) for seq in seqs]
+        if not any(guesses):
+            return False
+        n = len(seqs)
+        counts = [1 + len(g) for g in guesses]
+        width = max(counts)
+        offsets = [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs]
+        ids = torch.tensor([[0, *g] + [0] * (width - c) for g, c in zip(guesses, counts, strict=True)],
+                           device=self.device)
+        ids[:, 0] = self.next_tokens[:n]
+        positions = device_tensor(offsets, self.device)[:, None] + torch.arange(width, device=self.device)[None]
+        kv_len = self.cache.begin_prefill(list(range(n)), offsets, counts)
+        with use_lora(row_groups([s.adapter for s in seqs], self.device)), decode_rows():
+            hidden = self._hidden(ids, positions, self._chunk_mask(positions, counts, kv_len), self.alpha[:n])
+            logits = self.model.lm_head(hidden)
+        going, accepted = list(range(n)), [0] * n
+        for j in range(width):
+            self._sample([seqs[i] for i in going], going, logits[going, j])
+            going = [i for i in going if not seqs[i].done and j < len(guesses[i])
+                     and seqs[i].output_ids[-1] == guesses[i][j]]
+            for i in going:
+                accepted[i] += 1
+            if not going:
+                break
+        for seq, guess, offset, taken in zip(seqs, guesses, offsets, accepted, strict=True):
+            seq.computed = offset + 1 + taken  # the keys of the tokens fed and kept
+            seq.guess_len = adapt(seq.guess_len, len(guess), taken, self.num_speculative_tokens)
+        self.speculated.add(sum(map(bool, guesses)), sum(counts) - n, sum(accepted))
+        return True
+
+    def _guess(self, seq: Sequence) -> list[int]:
+        """The tokens ``seq`` may continue with, as far as its length and token limits allow."""
+        if seq.ngram is None:
+            seq.ngram, seq.guess_len = NgramIndex(), self.num_speculative_tokens
+        tokens = seq.prompt_ids + seq.output_ids
+        room = min(seq.params.max_new_tokens - len(seq.output_ids) - 1, self.max_model_len - len(tokens))
+        return seq.ngram.propose(tokens, min(seq.guess_len, room))
 
     def _launch(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> _Launched:
         """Choose the step's tokens on the device and start copying them to the host."""
@@ -610,7 +681,7 @@ class Engine:
             ntk_alpha_override=alpha,
         ).last_hidden_state
 
-    def _sample(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> None:
+    def _sample(self, seqs: list[Sequence], rows: Rows, logits: torch.Tensor) -> None:
         """Choose one token per row and hand them to their sequences now (the step's one host sync)."""
         tokens, logprobs = self._select(seqs, rows, logits)
         want = self._logprob_results(seqs, tokens, logprobs)
@@ -618,7 +689,7 @@ class Engine:
         self.stats.add(rows, token_list)
         self._accept(seqs, token_list, want)
 
-    def _select(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor):
+    def _select(self, seqs: list[Sequence], rows: Rows, logits: torch.Tensor):
         params = [s.params for s in seqs]
         constrained = [(i, s.matcher) for i, s in enumerate(seqs) if s.matcher is not None]
         if constrained:

@@ -85,6 +85,17 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU threads for PyTorch (default: PyTorch's, one per physical core; fewer leaves "
                              "cores to other work, more than the physical cores slows decoding)")
+    parser.add_argument("--speculative", choices=["ngram"],
+                        help="decode speculatively, with the same replies: ngram checks tokens guessed from n-grams "
+                             "of the prompt and reply (prompt lookup) in one forward, faster where replies copy "
+                             "their input (summaries, document QA, code edits; docs/speculative.md)")
+    parser.add_argument("--num-speculative-tokens", type=positive_int, default=4, metavar="K",
+                        help="with --speculative, the most tokens guessed per step (default: %(default)s)")
+
+
+def engine_settings(args: argparse.Namespace) -> dict:
+    """The ``Engine`` keywords the flags of ``add_model_args`` ask for."""
+    return {"draft": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
 
 
 def add_lora_arg(parser: argparse.ArgumentParser) -> None:

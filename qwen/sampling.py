@@ -74,6 +74,13 @@ class SamplingParams:
                 raise ValueError(message)
 
 
+Rows = slice | list[int]  # engine slots: a run of them, or any (a speculative step's rows still going)
+
+
+def slots(rows: Rows) -> list[int]:
+    return list(range(rows.start, rows.stop)) if isinstance(rows, slice) else rows
+
+
 class TokenStats:
     """Per-slot token bookkeeping for penalties: the distinct ids seen so far (prompt and output,
     for the repetition penalty) and how often each id was generated (presence/frequency). Rows
@@ -87,11 +94,11 @@ class TokenStats:
         self.seen[slot] = dict.fromkeys(prompt)
         self.counts[slot].zero_()
 
-    def add(self, rows: slice, tokens: list[int]) -> None:
-        for slot, token in zip(range(rows.start, rows.stop), tokens, strict=True):
+    def add(self, rows: Rows, tokens: list[int]) -> None:
+        for slot, token in zip(slots(rows), tokens, strict=True):
             self.seen[slot][token] = None
-        idx = torch.arange(rows.start, rows.stop, device=self.counts.device)
-        self.counts[idx, torch.tensor(tokens, device=self.counts.device)] += 1
+        device = self.counts.device
+        self.counts[device_tensor(slots(rows), device), device_tensor(tokens, device)] += 1
 
     def move(self, src: int, dst: int) -> None:
         self.seen[dst] = self.seen[src]
@@ -101,9 +108,9 @@ class TokenStats:
         self.seen[a], self.seen[b] = self.seen[b], self.seen[a]
         self.counts[[a, b]] = self.counts[[b, a]]
 
-    def seen_ids(self, rows: slice, device: torch.device) -> torch.Tensor:
+    def seen_ids(self, rows: Rows, device: torch.device) -> torch.Tensor:
         """[n, width] seen ids per row, padded by repeating the row's first id."""
-        lists = [list(self.seen[slot]) for slot in range(rows.start, rows.stop)]
+        lists = [list(self.seen[slot]) for slot in slots(rows)]
         width = max(len(ids) for ids in lists)
         return torch.tensor([ids + ids[:1] * (width - len(ids)) for ids in lists], device=device)
 
@@ -157,7 +164,7 @@ def select_tokens(
     logits: torch.Tensor,
     params: list[SamplingParams],
     stats: TokenStats,
-    rows: slice,
+    rows: Rows,
     generators: list[torch.Generator | None],
     want_logprobs: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:

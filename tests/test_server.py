@@ -52,6 +52,8 @@ def _servers(tiny_chat, tmp_path_factory):
         "auth": start_server(tiny_chat, logs / "auth.log", "--api-keys", "k1,k2", "--api-auth", "user:pw"),
         "small": start_server(tiny_chat, logs / "small.log", "--max-model-len", str(SMALL_CONTEXT)),
         "compiled": start_server(tiny_chat, logs / "compiled.log", "--compile"),
+        "speculative": start_server(tiny_chat, logs / "speculative.log", "--speculative", "ngram",
+                                    "--num-speculative-tokens", "6"),
     }
     yield servers
     for server in servers.values():
@@ -969,6 +971,28 @@ def test_request_ids_and_the_json_access_log(tiny_chat, tmp_path):
     assert by_id[odd.headers["x-request-id"]]["status"] == 404
     assert any(line["path"] == "/v1/models" and line["status"] == 401 for line in lines)
     assert secret not in log.read_text()
+
+
+def test_a_speculative_server_replies_as_the_plain_one(_servers, client):
+    """``--speculative ngram``: the same greedy replies (chat, streamed, with logprobs; completions with stop words)
+    as the plain server, and /metrics shows guesses checked and kept (so they were made)."""
+    spec = _servers["speculative"].wait()
+    fast = openai.OpenAI(base_url=f"{spec.url}/v1", api_key="any", max_retries=0, timeout=60)
+    a_b = {"logit_bias": {"264": 30, "293": 30}}  # " a", " b": a reply that repeats pairs of the prompt's
+    for content, extra in (("a b a b b a a b", a_b), ("Hello!", {})):
+        kw = dict(max_tokens=40, logprobs=True, **GREEDY, **extra)
+        want, got = chat(client, content, **kw), chat(fast, content, **kw)
+        assert got.choices[0].message.content == want.choices[0].message.content
+        assert [t.token for t in got.choices[0].logprobs.content] == [t.token for t in want.choices[0].logprobs.content]
+        assert joined(stream_chat(fast, content, **kw)) == want.choices[0].message.content
+    text = chat(client, "a b a b b a a b", max_tokens=40, **GREEDY, **a_b).choices[0].message.content
+    stop = text[10:14]
+    kw = dict(model=MODEL, prompt="a b a b b a a b", max_tokens=40, stop=[stop], **GREEDY, **a_b)
+    assert fast.completions.create(**kw).choices[0].text == client.completions.create(**kw).choices[0].text
+    metrics = httpx.get(spec.url + "/metrics", timeout=30).text
+    values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("qwen:spec")}
+    assert values["qwen:spec_decode_num_accepted_tokens_total"] > 0
+    assert values["qwen:spec_decode_num_draft_tokens_total"] >= values["qwen:spec_decode_num_accepted_tokens_total"]
 
 
 def test_prometheus_metrics_move_with_streaming_load(tiny_chat, tmp_path):

@@ -18,7 +18,14 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..entry_points import program_name
-from ..loading import add_lora_arg, add_model_args, front_end_checkpoint, load_lora_arg, load_model
+from ..loading import (
+    add_lora_arg,
+    add_model_args,
+    engine_settings,
+    front_end_checkpoint,
+    load_lora_arg,
+    load_model,
+)
 from . import sampling_settings
 
 if TYPE_CHECKING:
@@ -200,7 +207,10 @@ def main(argv: list[str] | None = None) -> None:
         adapter = load_lora_arg(model, args)
         from .session import EngineChat  # after the command line: it imports torch
 
-        chat = EngineChat(model, tokenizer, max_batch_size=1, adapter=adapter)
+        try:
+            chat = EngineChat(model, tokenizer, max_batch_size=1, adapter=adapter, **engine_settings(args))
+        except ValueError as exc:
+            sys.exit(f"error: {exc}")
         session = ChatSession(chat, args.system, args.seed, console)
         if args.max_new_tokens:
             session.original_config.max_new_tokens = session.config.max_new_tokens = args.max_new_tokens

@@ -36,11 +36,12 @@ def sampling_from_config(config: GenerationConfig, stop_token_ids: list[int], ro
 
 class EngineChat:
     """One engine, started in its own thread, serving the chat turns of every user of an app (with the LoRA
-    ``adapter``, if one)."""
+    ``adapter``, if one; ``engine_kw`` go to ``Engine``, e.g. the flags' ``qwen.loading.engine_settings``)."""
 
-    def __init__(self, model, tokenizer, max_batch_size: int = 4, adapter: LoraAdapter | None = None) -> None:
+    def __init__(self, model, tokenizer, max_batch_size: int = 4, adapter: LoraAdapter | None = None,
+                 **engine_kw) -> None:
         self.tokenizer, self.adapter = tokenizer, adapter
-        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size).start()
+        self.engine = Engine(model, tokenizer, max_batch_size=max_batch_size, **engine_kw).start()
         self.stop_token_ids = [tokenizer.im_end_id, tokenizer.im_start_id, tokenizer.eod_id]
 
     def stream(self, query: str, history: list[tuple[str, str]], system: str, config: GenerationConfig,

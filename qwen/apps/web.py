@@ -11,7 +11,14 @@ import threading
 from collections.abc import Iterator
 
 from ..entry_points import program_name
-from ..loading import add_lora_arg, add_model_args, front_end_checkpoint, load_lora_arg, load_model
+from ..loading import (
+    add_lora_arg,
+    add_model_args,
+    engine_settings,
+    front_end_checkpoint,
+    load_lora_arg,
+    load_model,
+)
 from ..ports import WEB_PORT, port_number, port_problem
 from . import sampling_settings
 
@@ -45,7 +52,7 @@ class _Run:
         self.done = threading.Event()
 
 
-def build_ui(model, tokenizer, title: str = "Qwen", adapter=None):
+def build_ui(model, tokenizer, title: str = "Qwen", adapter=None, **engine_kw):
     """The gradio Blocks app around a loaded model.
 
     Stop and Clear end a running reply through a per-session flag that the generator checks between
@@ -57,7 +64,8 @@ def build_ui(model, tokenizer, title: str = "Qwen", adapter=None):
     from .session import EngineChat
 
     runs: dict[str, _Run] = {}
-    chat = EngineChat(model, tokenizer, max_batch_size=4, adapter=adapter)  # the users' turns share its batches
+    # the users' turns share its batches
+    chat = EngineChat(model, tokenizer, max_batch_size=4, adapter=adapter, **engine_kw)
 
     def generate(query: str, history: list, system: str, temperature: float, top_p: float, max_new_tokens: int,
                  request: gr.Request) -> Iterator[tuple[list[dict], list, str]]:
@@ -145,7 +153,10 @@ def main(argv: list[str] | None = None) -> None:
         adapter = load_lora_arg(model, args)
         if adapter is not None:
             title += f" + LoRA adapter {adapter.name}"
-        demo = build_ui(model, tokenizer, title, adapter)
+        try:
+            demo = build_ui(model, tokenizer, title, adapter, **engine_settings(args))
+        except ValueError as exc:  # settings the engine refuses
+            sys.exit(f"error: {exc}")
         try:
             demo.queue(default_concurrency_limit=4).launch(
                 server_name=args.server_name, server_port=args.server_port, share=args.share, inbrowser=args.inbrowser

@@ -120,7 +120,13 @@ class LocalBackend(Backend):
     """A checkpoint folder loaded with this package (``qwen.loading``: --int8, --kv-cache-int8 ...)."""
 
     def __init__(self, args: argparse.Namespace, chat: bool) -> None:
-        from qwen.loading import CheckpointNotFoundError, checkpoint_folder, load_model, prefix_cache_bytes
+        from qwen.loading import (
+            CheckpointNotFoundError,
+            checkpoint_folder,
+            engine_settings,
+            load_model,
+            prefix_cache_bytes,
+        )
         from qwen.lora import AdapterError, load_lora
 
         try:
@@ -144,6 +150,7 @@ class LocalBackend(Backend):
         self.max_window_size = getattr(config, "max_window_size", None) or 6144
         self.batch_size = args.batch_size
         self.prefix_cache_bytes = prefix_cache_bytes(args)
+        self.engine_settings = engine_settings(args)
 
     def choice_probs(self, prompts, spaced_letters, batch_size, truncate, on_batch, show) -> None:
         from qwen.lora import use_lora
@@ -180,9 +187,12 @@ class LocalBackend(Backend):
         tok = self.tokenizer
         prompts = [self.prompt_ids(r) for r in requests]
         longest = max((len(p) for p in prompts), default=0)
-        engine = Engine(self.model, tok, max_batch_size=self.batch_size,
-                        max_model_len=max(self.model.config.seq_length, longest + self.max_new_tokens + 1),
-                        prefix_cache_bytes=self.prefix_cache_bytes)
+        try:
+            engine = Engine(self.model, tok, max_batch_size=self.batch_size,
+                            max_model_len=max(self.model.config.seq_length, longest + self.max_new_tokens + 1),
+                            prefix_cache_bytes=self.prefix_cache_bytes, **self.engine_settings)
+        except ValueError as exc:  # settings the engine refuses
+            raise EvalError(str(exc)) from None
         finished: queue.Queue = queue.Queue()
         engine.start()
         try:

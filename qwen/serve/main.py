@@ -15,6 +15,7 @@ from ..loading import (
     DEMO_NAME,
     add_model_args,
     add_prefix_cache_arg,
+    engine_settings,
     front_end_checkpoint,
     load_model,
     non_negative_float,
@@ -144,9 +145,13 @@ def serve(args: argparse.Namespace, path: Path, default_name: str) -> None:
                 sys.exit(f"error: --lora {lora_name}={folder}: {exc}")
         if args.compile:
             enable_lora(model)  # before compiling: an adapter loaded later then leaves the compiled graphs as they are
-    engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
-                    max_model_len=args.max_model_len or default_max_model_len(model.config), compile=args.compile,
-                    prefix_cache_bytes=prefix_cache_bytes(args), prefill_chunk=args.prefill_chunk)
+    try:
+        engine = Engine(model, tokenizer, max_batch_size=args.max_batch_size,
+                        max_model_len=args.max_model_len or default_max_model_len(model.config), compile=args.compile,
+                        prefix_cache_bytes=prefix_cache_bytes(args), prefill_chunk=args.prefill_chunk,
+                        **engine_settings(args))
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
     if engine.prefix_cache is None and args.prefix_cache_gb:
         logging.info("prefix cache: off (window attention and the int8 KV cache keep keys that depend on more "
                      "than the tokens)")

@@ -6,7 +6,8 @@ for vLLM need only the prefix changed:
 - gauges read when scraped: requests running (prefilling or decoding) and waiting, the KV cache's use (tokens
   held by running requests over the slots' room), the prefix cache's bytes;
 - counters: requests finished by reason (stop, length, cancelled, error), prompt and generated tokens, prefix
-  cache lookups, hits and tokens reused, HTTP responses by route and status;
+  cache lookups, hits and tokens reused, speculative decoding's drafts, guessed and kept tokens, HTTP responses
+  by route and status;
 - histograms: time to first token, time per output token after the first (inter-token latency), and
   end-to-end request latency, each from the engine's admission queue on.
 
@@ -29,8 +30,8 @@ TOKEN_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5,
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 
-class _PrefixCacheCounters:
-    """The prefix cache's own running totals, exposed as counters when scraped."""
+class _EngineCounters:
+    """The engine's own running totals (prefix cache, speculative decoding), exposed as counters when scraped."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
@@ -42,6 +43,13 @@ class _PrefixCacheCounters:
                                   ("tokens_reused", "tokens_reused", "prompt tokens taken from the prefix cache")):
             family = CounterMetricFamily(f"qwen:prefix_cache_{name}", text)
             family.add_metric([], getattr(stats, field) if stats is not None else 0)
+            yield family
+        speculated = self.engine.speculated
+        for name, value, text in (("drafts", speculated.drafts, "guesses checked (one sequence in one step)"),
+                                  ("draft_tokens", speculated.proposed, "guessed tokens checked"),
+                                  ("accepted_tokens", speculated.accepted, "guessed tokens kept")):
+            family = CounterMetricFamily(f"qwen:spec_decode_num_{name}", f"speculative decoding: {text}")
+            family.add_metric([], value)
             yield family
 
 
@@ -62,7 +70,7 @@ class Metrics:
         Gauge("qwen:prefix_cache_bytes", "bytes of keys and values the prefix cache holds",
               registry=registry).set_function(
             lambda: engine.prefix_cache.stats.bytes if engine.prefix_cache is not None else 0)
-        registry.register(_PrefixCacheCounters(engine))
+        registry.register(_EngineCounters(engine))
         self.finished = Counter("qwen:request_success", "requests finished, by finish reason",
                                 ["finished_reason"], registry=registry)
         self.prompt_tokens = Counter("qwen:prompt_tokens", "prompt tokens of finished requests", registry=registry)
