@@ -17,6 +17,7 @@ measured cost of that forward (acceptance 1) and the expected tokens per draft (
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import tempfile
@@ -28,6 +29,7 @@ from machine import cpu_name
 from results import add_json_arg, save
 
 from qwen.engine import Engine
+from qwen.quantize import quantize_int4_
 from qwen.sampling import SamplingParams
 from qwen.tokenizer import QWenTokenizer
 
@@ -51,67 +53,119 @@ def decode_rate(engine: Engine, prompts: list[list[int]], params: list[SamplingP
     return sum(len(s.output_ids) - 1 for s in seqs) / (time.perf_counter() - first)
 
 
+def measure(engines: dict[str, Engine], prompts: list[list[int]], params: list[SamplingParams],
+            rounds: int) -> dict[str, dict]:
+    """Per engine (the first is plain decoding, the reference): median decode tok/s over ``rounds`` runs taking
+    turns, the median per-round ratio to the reference, and what its guesses did in those runs."""
+    rates: dict[str, list[float]] = {name: [] for name in engines}
+    before = {name: (e.speculated.drafts, e.speculated.proposed, e.speculated.accepted) for name, e in engines.items()}
+    reference = next(iter(engines))
+    decode_rate(engines[reference], prompts, params)  # warm: the first run at a length pays for allocations
+    for _ in range(rounds):
+        for name, engine in engines.items():
+            rates[name].append(decode_rate(engine, prompts, params))
+    results = {}
+    for name, engine in engines.items():
+        counts = engine.speculated
+        drafts, proposed, accepted = (now - then for now, then in zip(
+            (counts.drafts, counts.proposed, counts.accepted), before[name], strict=True))
+        results[name] = {
+            "acceptance": accepted / proposed if proposed else 0.0,
+            "tokens per draft": 1 + accepted / drafts if drafts else 1.0,
+            "tok/s": statistics.median(rates[name]),
+            "vs plain": statistics.median(a / b for a, b in zip(rates[name], rates[reference], strict=True)),
+        }
+    return results
+
+
+def ngram_runs(model, tokenizer, args, ks: list[int], alphabets: list[int]) -> list[dict]:
+    """Prompt lookup against plain decoding, per guess length and alphabet size (acceptance about 1 / A)."""
+    def engine(**kw) -> Engine:
+        return Engine(model, tokenizer, max_batch_size=args.batch, prefix_cache_bytes=0, max_model_len=2048, **kw)
+
+    engines = {"plain": engine(), **{f"k={k}": engine(draft="ngram", num_speculative_tokens=k) for k in ks}}
+    rows = []
+    for size in alphabets:
+        letters, prompt = alphabet_prompt(size, 300, seed=size)
+        bias = {t: 40.0 for t in letters}  # the alphabet's tokens, evenly (random weights: logits within ~0.1)
+        params = [SamplingParams(max_new_tokens=args.new_tokens, do_sample=size > 1, temperature=1.0, seed=i,
+                                 logit_bias=bias) for i in range(args.batch)]
+        results = measure(engines, [prompt] * args.batch, params, args.rounds)
+        for k in ks:
+            rows.append({"alphabet": size, "k": k, **results[f"k={k}"], "plain tok/s": results["plain"]["tok/s"]})
+    # A forward that checks k guesses costs, in plain steps, its tokens over its speedup where all are kept.
+    for row in rows:
+        full = next((r for r in rows if r["k"] == row["k"] and r["acceptance"] == 1.0), None)
+        cost = full["tokens per draft"] / full["vs plain"] if full else None
+        row["break-even acceptance"] = break_even(row["k"], cost) if cost else None
+    return rows
+
+
+def draft_runs(model, tokenizer, args, tmp: str) -> list[dict]:
+    """Draft models against plain decoding, greedy on random prompts: the model itself (every guess kept, the
+    machinery's cost at acceptance 1), its int4 copy (the self-speculative setup), a 4-layer model of the same
+    width (unrelated random weights: nearly nothing kept, the floor; not for the tiny shape)."""
+    drafts = {"the model itself": model, "its int4 copy": quantize_int4_(copy.deepcopy(model))}
+    if args.shape != "tiny":  # (the tiny shape's is a checkpoint: no other one to compare)
+        drafts["a 4-layer model"] = build_model(args.shape, torch.bfloat16, tmp, torch.device("cpu"),
+                                                num_hidden_layers=4)
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(0, 150000, (args.batch, 64), generator=gen).tolist()
+    params = [SamplingParams(max_new_tokens=args.new_tokens, do_sample=False) for _ in prompts]
+    rows = []
+    for k in (2, 4):
+        engines = {"plain": Engine(model, tokenizer, max_batch_size=args.batch, prefix_cache_bytes=0,
+                                   max_model_len=2048)}
+        for name, draft in drafts.items():
+            engines[name] = Engine(model, tokenizer, max_batch_size=args.batch, prefix_cache_bytes=0,
+                                   max_model_len=2048, draft=draft, num_speculative_tokens=k)
+        results = measure(engines, prompts, params, args.rounds)
+        rows += [{"draft": name, "k": k, **results[name], "plain tok/s": results["plain"]["tok/s"]}
+                 for name in drafts]
+    return rows
+
+
+def print_table(rows: list[dict], cols: list[str]) -> None:
+    print("| " + " | ".join(cols) + " |")
+    print("|" + "---:|" * len(cols))
+    for row in rows:
+        print("| " + " | ".join("-" if row[c] is None else f"{row[c]:.2f}" if isinstance(row[c], float)
+                                else str(row[c]) for c in cols) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", choices=["1.8b", "tiny"], default="1.8b")
     parser.add_argument("--batch", type=int, default=1, help="sequences decoded together")
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--ks", default="1,2,4,8", help="guess lengths (num_speculative_tokens) to run")
+    parser.add_argument("--ks", default="1,2,4,8", help="guess lengths (num_speculative_tokens) of prompt lookup")
     parser.add_argument("--alphabets", default="1,2,4,16", help="alphabet sizes A: acceptance about 1/A")
+    parser.add_argument("--part", choices=["all", "ngram", "draft"], default="all")
     add_json_arg(parser)
     args = parser.parse_args()
-    ks = [int(k) for k in args.ks.split(",")]
-    alphabets = [int(a) for a in args.alphabets.split(",")]
+    started = time.perf_counter()
+    tables = {}
     with tempfile.TemporaryDirectory() as tmp:
         model = build_model(args.shape, torch.bfloat16, tmp, torch.device("cpu"))
-    tokenizer = QWenTokenizer()
-    engines = {0: Engine(model, tokenizer, max_batch_size=args.batch, prefix_cache_bytes=0, max_model_len=2048)}
-    for k in ks:
-        engines[k] = Engine(model, tokenizer, max_batch_size=args.batch, prefix_cache_bytes=0, max_model_len=2048,
-                            draft="ngram", num_speculative_tokens=k)
-
-    rows = []
-    started = time.perf_counter()
-    for size in alphabets:
-        letters, prompt = alphabet_prompt(size, 300, seed=size)
-        bias = {t: 40.0 for t in letters}  # the alphabet's tokens, evenly (random weights: logits within ~0.1)
-        params = [SamplingParams(max_new_tokens=args.new_tokens, do_sample=size > 1, temperature=1.0, seed=i,
-                                 logit_bias=bias) for i in range(args.batch)]
-        prompts = [prompt] * args.batch
-        rates: dict[int, list[float]] = {k: [] for k in engines}
-        before = {k: (e.speculated.drafts, e.speculated.proposed, e.speculated.accepted) for k, e in engines.items()}
-        decode_rate(engines[0], prompts, params)  # warm: the first run at a length pays for allocations
-        for _ in range(args.rounds):
-            for k, engine in engines.items():
-                rates[k].append(decode_rate(engine, prompts, params))
-        for k in ks:
-            counts = engines[k].speculated
-            drafts, proposed, accepted = (now - then for now, then in zip(
-                (counts.drafts, counts.proposed, counts.accepted), before[k], strict=True))
-            rows.append({
-                "alphabet": size, "k": k, "acceptance": accepted / proposed if proposed else 0.0,
-                "tokens per draft": 1 + accepted / drafts if drafts else 1.0,
-                "tok/s": statistics.median(rates[k]), "plain tok/s": statistics.median(rates[0]),
-                "vs plain": statistics.median(a / b for a, b in zip(rates[k], rates[0], strict=True)),
-            })
-    # A forward that checks k guesses costs, in plain steps, its tokens over its speedup where all are kept.
-    for row in rows:
-        full = next((r for r in rows if r["k"] == row["k"] and r["acceptance"] == 1.0), None)
-        cost = full["tokens per draft"] / full["vs plain"] if full else None
-        row["break-even acceptance"] = break_even(row["k"], cost) if cost else None
-
+        tokenizer = QWenTokenizer()
+        if args.part in ("all", "ngram"):
+            tables["ngram"] = ngram_runs(model, tokenizer, args, [int(k) for k in args.ks.split(",")],
+                                         [int(a) for a in args.alphabets.split(",")])
+        if args.part in ("all", "draft"):
+            tables["draft"] = draft_runs(model, tokenizer, args, tmp)
     print(f"\nQwen-{args.shape} shape, random bf16 weights, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"{cpu_name()}, load average {os.getloadavg()[0]:.1f}; median of {args.rounds} rounds, "
           f"{time.perf_counter() - started:.0f} s in all.\n")
-    cols = ["alphabet", "k", "acceptance", "tokens per draft", "tok/s", "plain tok/s", "vs plain",
-            "break-even acceptance"]
-    print("| " + " | ".join(cols) + " |")
-    print("|" + "---:|" * len(cols))
-    for row in rows:
-        print("| " + " | ".join("-" if row[c] is None else f"{row[c]:.2f}" if isinstance(row[c], float)
-                                else str(row[c]) for c in cols) + " |")
-    save(args.json, "speculative", {"runs": rows}, batch=args.batch, shape=args.shape)
+    if "ngram" in tables:
+        print("Prompt lookup (--speculative ngram), by alphabet size A (acceptance about 1/A):\n")
+        print_table(tables["ngram"], ["alphabet", "k", "acceptance", "tokens per draft", "tok/s", "plain tok/s",
+                                      "vs plain", "break-even acceptance"])
+    if "draft" in tables:
+        print("\nDraft models (--draft-model), greedy on random prompts:\n")
+        print_table(tables["draft"], ["draft", "k", "acceptance", "tokens per draft", "tok/s", "plain tok/s",
+                                      "vs plain"])
+    save(args.json, "speculative", tables, batch=args.batch, shape=args.shape)
 
 
 def break_even(k: int, cost: float) -> float | None:

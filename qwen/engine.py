@@ -52,12 +52,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .chat import cut_text, stable_text
 from .cpu_kernels import decode_rows
-from .kv_cache import SlotKVCache
+from .kv_cache import SlotKVCache, chunk_mask
 from .lora import LoraAdapter, row_groups, use_lora
 from .modeling import QWenLMHeadModel, ntk_alpha
 from .prefix_cache import PREFILL_CHUNK, PREFIX_CACHE_BYTES, PrefixCache
 from .sampling import Rows, SamplingParams, TokenStats, device_tensor, select_tokens
-from .speculative import NgramIndex, SpeculationCounts, adapt
+from .speculative import DraftModel, NgramIndex, NgramProposer, Proposer, SpeculationCounts, adapt
 
 logger = logging.getLogger(__name__)
 
@@ -121,8 +121,11 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     alpha: float = 1.0  # the dynamic-NTK alpha of its keys, fixed at admission from the prompt's length
     looked_up: bool = False  # whether the prefix cache was asked (once, before its first chunk)
-    ngram: NgramIndex | None = None  # with speculation: the n-grams of its tokens, for guesses
-    guess_len: int = 0  # with speculation: how many tokens its next guess may have (qwen.speculative.adapt)
+    # with speculation (qwen.speculative): how many tokens its next guess may have (0: not guessed yet), the n-grams
+    # of its tokens (prompt lookup), the positions whose keys a draft model holds
+    guess_len: int = 0
+    ngram: NgramIndex | None = None
+    drafted: int = 0
 
     @property
     def prefilled(self) -> bool:
@@ -156,10 +159,11 @@ class Engine:
     running sequences decode a token. Smaller chunks keep streams smoother while a long prompt is read, but a
     burst of prompts then takes more steps (chunks of 512 made 8 prompts of 200 tokens 1.3x slower on a CPU).
 
-    ``draft="ngram"`` decodes speculatively (``qwen.speculative``): each step checks up to
-    ``num_speculative_tokens`` guessed tokens per sequence, from n-grams of its prompt and reply, in one forward,
-    and keeps those the model would have chosen. Not with window attention or the int8 KV cache (their stored
-    keys depend on the forward's chunk), nor with ``overlap``.
+    ``draft`` decodes speculatively (``qwen.speculative``): each step checks up to ``num_speculative_tokens``
+    guessed tokens per sequence in one forward and keeps those the model would have chosen. ``"ngram"`` guesses
+    from n-grams of the prompt and reply (prompt lookup); a ``QWenLMHeadModel`` with the same vocabulary (smaller:
+    Qwen-1.8B for 7B/14B/72B) guesses greedily. Not with window attention or the int8 KV cache (their stored keys
+    depend on the forward's chunk), nor with ``overlap``.
     """
 
     def __init__(
@@ -174,7 +178,7 @@ class Engine:
         decode_attention: tuple[SDPBackend, ...] | None = None,
         prefix_cache_bytes: int | None = None,
         prefill_chunk: int | None = None,
-        draft: str | None = None,
+        draft: str | QWenLMHeadModel | None = None,
         num_speculative_tokens: int = SPECULATIVE_TOKENS,
     ) -> None:
         self.model = model.eval()
@@ -204,14 +208,19 @@ class Engine:
         budget = PREFIX_CACHE_BYTES if prefix_cache_bytes is None else prefix_cache_bytes
         self.prefix_cache = PrefixCache(budget) if budget > 0 and not whole else None
         self.prefill_chunk = None if whole else prefill_chunk or PREFILL_CHUNK
-        if draft not in (None, "ngram"):
-            raise ValueError(f'draft must be None or "ngram", got {draft!r}')
+        if isinstance(draft, str) and draft != "ngram":
+            raise ValueError(f'draft must be "ngram" or a draft model, got {draft!r}')
         if draft is not None and whole:
             raise ValueError("speculative decoding (--speculative, draft=) does not work with window attention or the "
                              "int8 KV cache (--window-attn, --kv-cache-int8, use_cache_quantization): leave one out")
         if num_speculative_tokens < 1:
             raise ValueError(f"num_speculative_tokens must be at least 1, got {num_speculative_tokens}")
-        self.draft, self.num_speculative_tokens = draft, num_speculative_tokens
+        self.num_speculative_tokens = num_speculative_tokens
+        self.proposer: Proposer | None = None
+        if draft == "ngram":
+            self.proposer = NgramProposer()
+        elif draft is not None:
+            self.proposer = DraftModel(draft, model, max_batch_size, self.max_model_len)
         self.speculated = SpeculationCounts()
         overlap = overlap and draft is None  # a guess needs the host to know every token so far
         self._lock = threading.Condition()
@@ -421,12 +430,16 @@ class Engine:
         holder = next((s for s in self.prefilling if s.slot == slot), None)
         if holder is None:
             self.cache.move(seq.slot, slot)
+            if self.proposer is not None:
+                self.proposer.move(seq.slot, slot)
             self.stats.move(seq.slot, slot)
             self.alpha[slot] = self.alpha[seq.slot]
             self.next_tokens[slot] = self.next_tokens[seq.slot]
         else:
             pair = [seq.slot, slot]
             self.cache.swap(*pair)
+            if self.proposer is not None:
+                self.proposer.swap(*pair)
             self.stats.swap(*pair)
             self.alpha[pair] = self.alpha[pair[::-1]]
             self.next_tokens[pair] = self.next_tokens[pair[::-1]]
@@ -508,7 +521,7 @@ class Engine:
         slots = [s.slot for s in batch]
         kv_len = self.cache.begin_prefill(slots, offsets, counts)
         # from position 0, right padding needs only the causal mask
-        mask = self._chunk_mask(positions, counts, kv_len) if any(offsets) or padded else None
+        mask = chunk_mask(positions, counts, kv_len) if any(offsets) or padded else None
         with use_lora(row_groups([s.adapter for s in batch], self.device)):
             hidden = self._hidden(ids, positions, mask, self.alpha[device_tensor(slots, self.device)])
         for row, (seq, n) in enumerate(zip(batch, counts, strict=True)):
@@ -534,14 +547,6 @@ class Engine:
             self._remember(seq)
         self._sample(seqs, slice(first, first + len(seqs)), logits)
 
-    def _chunk_mask(self, positions: torch.Tensor, counts: list[int], kv_len: int) -> torch.Tensor:
-        """The attention mask of a right-padded chunk whose row i holds ``counts[i]`` tokens at ``positions[i]``
-        after keys already in its slot: each query sees the keys up to its own position."""
-        keys = torch.arange(kv_len, device=self.device)
-        real = torch.arange(positions.shape[1], device=self.device)[None] < device_tensor(counts, self.device)[:, None]
-        # A padding query may see every key (its output is never used) rather than none (NaN).
-        return ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]
-
     def _score_prompt(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Add the logprobs of the prompt tokens that the chunk's ``hidden`` states (from position ``seq.computed``
         on) predict, projected onto the vocabulary ``SCORE_BLOCK`` positions at a time (never [length, vocabulary]
@@ -564,7 +569,7 @@ class Engine:
                 seq.prompt_logprobs += zip(chosen, alts, strict=True)
 
     def _decode(self) -> None:
-        if self.draft is not None and self._speculate():
+        if self.proposer is not None and self._speculate():
             return
         n = len(self.running)
         # A compiled step sees a few batch sizes only; the padding rows decode in the slots above. One that
@@ -604,7 +609,16 @@ class Engine:
         each sequence's next token and its guess, then per position the selection a decode step would make,
         kept while it equals the guess. False (nothing done) when no sequence has one."""
         seqs = list(self.running)
-        guesses = [self._guess(seq) for seq in seqs]
+        for seq in seqs:
+            seq.guess_len = seq.guess_len or self.num_speculative_tokens
+        # as long as the sequence may still grow: k guesses and the model's next token
+        lengths = [max(0, min(seq.guess_len, seq.params.max_new_tokens - len(seq.output_ids) - 1,
+                              self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids))) for seq in seqs]
+        constrain = self._grammars.constrain if self._grammars is not None else None
+        guesses = self.proposer.propose(seqs, lengths, self.alpha[: len(seqs)], constrain)
+        for i, seq in enumerate(seqs):  # a grammar's first forbidden token ends a guess
+            if seq.matcher is not None and guesses[i]:
+                guesses[i] = guesses[i][: seq.matcher.validate_tokens(guesses[i])]
         if not any(guesses):
             return False
         n = len(seqs)
@@ -617,7 +631,7 @@ class Engine:
         positions = device_tensor(offsets, self.device)[:, None] + torch.arange(width, device=self.device)[None]
         kv_len = self.cache.begin_prefill(list(range(n)), offsets, counts)
         with use_lora(row_groups([s.adapter for s in seqs], self.device)), decode_rows():
-            hidden = self._hidden(ids, positions, self._chunk_mask(positions, counts, kv_len), self.alpha[:n])
+            hidden = self._hidden(ids, positions, chunk_mask(positions, counts, kv_len), self.alpha[:n])
             logits = self.model.lm_head(hidden)
         going, accepted = list(range(n)), [0] * n
         for j in range(width):
@@ -631,16 +645,9 @@ class Engine:
         for seq, guess, offset, taken in zip(seqs, guesses, offsets, accepted, strict=True):
             seq.computed = offset + 1 + taken  # the keys of the tokens fed and kept
             seq.guess_len = adapt(seq.guess_len, len(guess), taken, self.num_speculative_tokens)
+        self.proposer.kept(seqs, guesses, accepted)
         self.speculated.add(sum(map(bool, guesses)), sum(counts) - n, sum(accepted))
         return True
-
-    def _guess(self, seq: Sequence) -> list[int]:
-        """The tokens ``seq`` may continue with, as far as its length and token limits allow."""
-        if seq.ngram is None:
-            seq.ngram, seq.guess_len = NgramIndex(), self.num_speculative_tokens
-        tokens = seq.prompt_ids + seq.output_ids
-        room = min(seq.params.max_new_tokens - len(seq.output_ids) - 1, self.max_model_len - len(tokens))
-        return seq.ngram.propose(tokens, min(seq.guess_len, room))
 
     def _launch(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> _Launched:
         """Choose the step's tokens on the device and start copying them to the host."""

@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .sampling import device_tensor
+
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Quantize [B, H, T, D] to uint8 with per-(B, H) scale/zero, returned per token as [B, H, T, 1]."""
@@ -271,3 +273,13 @@ class SlotKVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())
+
+
+def chunk_mask(positions: torch.Tensor, counts: list[int], kv_len: int) -> torch.Tensor:
+    """The attention mask [rows, 1, width, kv_len] of a right-padded chunk whose row i holds ``counts[i]`` tokens at
+    ``positions[i]`` after the keys already in its slot: each query sees the keys up to its own position."""
+    device = positions.device
+    keys = torch.arange(kv_len, device=device)
+    real = torch.arange(positions.shape[1], device=device)[None] < device_tensor(counts, device)[:, None]
+    # A padding query may see every key (its output is never used) rather than none (NaN).
+    return ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]

@@ -85,17 +85,35 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, metavar="N",
                         help="CPU threads for PyTorch (default: PyTorch's, one per physical core; fewer leaves "
                              "cores to other work, more than the physical cores slows decoding)")
-    parser.add_argument("--speculative", choices=["ngram"],
-                        help="decode speculatively, with the same replies: ngram checks tokens guessed from n-grams "
-                             "of the prompt and reply (prompt lookup) in one forward, faster where replies copy "
-                             "their input (summaries, document QA, code edits; docs/speculative.md)")
+    guess = parser.add_mutually_exclusive_group()
+    guess.add_argument("--speculative", choices=["ngram"],
+                       help="decode speculatively, with the same replies: ngram checks tokens guessed from n-grams "
+                            "of the prompt and reply (prompt lookup) in one forward, faster where replies copy "
+                            "their input (summaries, document QA, code edits; docs/speculative.md)")
+    guess.add_argument("--draft-model", metavar="DIR",
+                       help="decode speculatively, with the same replies, a smaller Qwen v1 checkpoint guessing "
+                            "(same vocabulary: Qwen-1.8B(-Chat) for 7B/14B/72B), or this checkpoint again with "
+                            "--draft-quant int4")
+    parser.add_argument("--draft-quant", choices=["none", "int8", "int4"], default="none",
+                        help="with --draft-model, its weights' form (int4: a cheap draft from the model's own "
+                             "weights; default: %(default)s, the dtype of the model)")
     parser.add_argument("--num-speculative-tokens", type=positive_int, default=4, metavar="K",
-                        help="with --speculative, the most tokens guessed per step (default: %(default)s)")
+                        help="with --speculative or --draft-model, the most tokens guessed per step "
+                             "(default: %(default)s)")
 
 
 def engine_settings(args: argparse.Namespace) -> dict:
-    """The ``Engine`` keywords the flags of ``add_model_args`` ask for."""
-    return {"draft": args.speculative, "num_speculative_tokens": args.num_speculative_tokens}
+    """The ``Engine`` keywords the flags of ``add_model_args`` ask for (loading ``--draft-model``; ValueError
+    naming it when it cannot be loaded)."""
+    draft = args.speculative
+    if args.draft_model:
+        flags = {**vars(args), "int8": args.draft_quant == "int8", "int4": args.draft_quant == "int4",
+                 "kv_cache_int8": False, "window_attn": None}
+        try:
+            draft, _ = load_model(args.draft_model, argparse.Namespace(**flags))
+        except (OSError, ValueError) as exc:
+            raise ValueError(f"--draft-model {args.draft_model}: {exc}") from None
+    return {"draft": draft, "num_speculative_tokens": args.num_speculative_tokens}
 
 
 def add_lora_arg(parser: argparse.ArgumentParser) -> None:

@@ -15,15 +15,37 @@ norm(max(0, p - q)). So sampled replies have the model's distribution, and a see
 random numbers in the same order as without speculation: its reply is the same token for token (greedy
 ones too), up to the rounding of a forward over several positions against one at a time.
 
-Proposals here (``NgramIndex``): prompt lookup, the tokens that followed the latest earlier occurrence of the
-sequence's last n tokens (n from ``NGRAM_MAX`` down to ``NGRAM_MIN``), from the prompt and the reply so far. It
-costs nothing to propose and gains where replies copy their input (summaries, document QA, code edits, RAG
-answers). ``adapt`` sizes each sequence's next guess from how the last one fared.
+Guesses come from a proposer:
+
+* ``NgramProposer`` (``draft="ngram"``): prompt lookup, the tokens that followed the latest earlier occurrence of
+  the sequence's last n tokens (n from ``NGRAM_MAX`` down to ``NGRAM_MIN``), in the prompt and the reply so far.
+  It costs nothing to propose and gains where replies copy their input (summaries, document QA, code edits, RAG
+  answers).
+* ``DraftModel`` (``draft=model``): a second, smaller Qwen v1 model with the same vocabulary (Qwen-1.8B for
+  Qwen-7B/14B/72B, or the model itself quantized to int4) decodes the guess greedily, batched over the
+  sequences, from its own KV cache, one slot per engine slot.
+
+A grammar constrains the guesses as it does the model's choices. ``adapt`` sizes each sequence's next guess from
+how the last one fared.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .kv_cache import SlotKVCache, chunk_mask
+from .sampling import argmax_rows
+
+if TYPE_CHECKING:
+    from .engine import Sequence
+    from .modeling import QWenLMHeadModel
+
+# (logits [n, V], [(row, grammar matcher)]): masks, in place, what each row's grammar forbids now
+Constrain = Callable[[torch.Tensor, list], None]
 
 NGRAM_MAX = 4  # the longest suffix looked up
 NGRAM_MIN = 2  # the shortest: single tokens repeat too often to predict what follows
@@ -60,6 +82,116 @@ class NgramIndex:
                     guess.append(tokens[src] if src < len(tokens) else guess[src - len(tokens)])
                 return guess
         return []
+
+
+class Proposer:
+    """Where guesses come from. The engine asks for guesses of ``lengths[i]`` tokens (0: none) for its running
+    sequences (in slots 0..n-1), tells which were kept, and mirrors its slot moves."""
+
+    def propose(self, seqs: list[Sequence], lengths: list[int], alpha: torch.Tensor,
+                constrain: Constrain | None) -> list[list[int]]:
+        raise NotImplementedError
+
+    def kept(self, seqs: list[Sequence], guesses: list[list[int]], accepted: list[int]) -> None:
+        """After a check: ``accepted[i]`` of ``guesses[i]`` were kept."""
+
+    def move(self, src: int, dst: int) -> None:
+        """The engine moved a sequence from slot ``src`` to ``dst``."""
+
+    def swap(self, a: int, b: int) -> None:
+        """The engine swapped the sequences of slots ``a`` and ``b``."""
+
+
+class NgramProposer(Proposer):
+    """Prompt lookup: each sequence's ``NgramIndex`` (kept on the sequence)."""
+
+    def propose(self, seqs: list[Sequence], lengths: list[int], alpha: torch.Tensor,
+                constrain: Constrain | None) -> list[list[int]]:
+        guesses = []
+        for seq, length in zip(seqs, lengths, strict=True):
+            if seq.ngram is None:
+                seq.ngram = NgramIndex()
+            guesses.append(seq.ngram.propose(seq.prompt_ids + seq.output_ids, length))
+        return guesses
+
+
+class DraftModel(Proposer):
+    """A smaller model that guesses greedily. Its cache has a slot per engine slot; ``Sequence.drafted`` counts the
+    positions of a sequence's tokens whose keys it holds. Each proposal first feeds every token it has not seen
+    (a new sequence's whole prompt, afterwards the model's last token or two) in one forward, then one forward
+    per further guessed token, for the sequences still guessing."""
+
+    def __init__(self, model: QWenLMHeadModel, target: QWenLMHeadModel, slots: int, max_len: int) -> None:
+        draft, config = model.config, target.config
+        if draft.vocab_size != config.vocab_size:
+            raise ValueError(f"the draft model's vocabulary has {draft.vocab_size} tokens and the model's "
+                             f"{config.vocab_size}: a draft must share the model's tokenizer (for Qwen-7B/14B/72B, "
+                             "Qwen-1.8B)")
+        if model.device != target.device:
+            raise ValueError(f"the draft model is on {model.device} and the model on {target.device}: put both on "
+                             "one device")
+        if any(draft.layer_windows()) or draft.use_cache_quantization:
+            raise ValueError("a draft model with window attention or the int8 KV cache is not supported: load it "
+                             "without them")
+        self.model = model.eval()
+        self.cache = SlotKVCache(draft.num_hidden_layers, slots, draft.num_attention_heads, draft.head_dim, max_len,
+                                 model.transformer.wte.weight.dtype, model.device)
+
+    def propose(self, seqs: list[Sequence], lengths: list[int], alpha: torch.Tensor,
+                constrain: Constrain | None) -> list[list[int]]:
+        tokens = [seq.prompt_ids + seq.output_ids for seq in seqs]
+        rows = list(range(len(seqs)))
+        logits = self._forward(rows, [seq.drafted for seq in seqs],
+                               [t[seq.drafted :] for seq, t in zip(seqs, tokens, strict=True)], alpha)
+        for seq, t in zip(seqs, tokens, strict=True):
+            seq.drafted = len(t)
+        guesses: list[list[int]] = [[] for _ in seqs]
+        going = [i for i in rows if lengths[i] > 0]
+        logits = logits[going]
+        while going:
+            constrained = [(k, seqs[i].matcher) for k, i in enumerate(going) if seqs[i].matcher is not None]
+            if constrained and constrain is not None:
+                constrain(logits, constrained)
+            stopped = set()
+            for i, token in zip(going, argmax_rows(logits).tolist(), strict=True):
+                if seqs[i].matcher is not None and not seqs[i].matcher.try_consume_tokens([token]):
+                    stopped.add(i)  # nothing the grammar allows was left: the guess ends here
+                    continue
+                guesses[i].append(token)
+            going = [i for i in going if i not in stopped and len(guesses[i]) < lengths[i]]
+            if going:
+                logits = self._forward(going, [len(tokens[i]) + len(guesses[i]) - 1 for i in going],
+                                       [guesses[i][-1:] for i in going], alpha[going])
+        for seq, guess in zip(seqs, guesses, strict=True):
+            if seq.matcher is not None and guess:
+                seq.matcher.rollback(len(guess))
+        return guesses
+
+    def kept(self, seqs: list[Sequence], guesses: list[list[int]], accepted: list[int]) -> None:
+        for seq, guess, taken in zip(seqs, guesses, accepted, strict=True):
+            seq.drafted += min(taken, max(len(guess) - 1, 0))  # the kept guesses it was fed (all but the last)
+
+    def move(self, src: int, dst: int) -> None:
+        self.cache.move(src, dst)
+
+    def swap(self, a: int, b: int) -> None:
+        self.cache.swap(a, b)
+
+    def _forward(self, slots: list[int], offsets: list[int], chunks: list[list[int]],
+                 alpha: torch.Tensor) -> torch.Tensor:
+        """Feed ``chunks[i]`` at positions ``offsets[i]`` on into slot ``slots[i]``; the logits [n, V] (fp32) after
+        each chunk's last token."""
+        device = self.model.device
+        counts = [len(c) for c in chunks]
+        width = max(counts)
+        ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=device)
+        positions = torch.tensor(offsets, device=device)[:, None] + torch.arange(width, device=device)[None]
+        kv_len = self.cache.begin_prefill(slots, offsets, counts)
+        hidden = self.model.transformer(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
+                                        attention_mask=chunk_mask(positions, counts, kv_len),
+                                        ntk_alpha_override=alpha).last_hidden_state
+        last = hidden[torch.arange(len(slots), device=device), torch.tensor(counts, device=device) - 1]
+        return self.model.lm_head(last).float()
 
 
 def adapt(k: int, proposed: int, accepted: int, most: int) -> int:

@@ -54,6 +54,7 @@ def _servers(tiny_chat, tmp_path_factory):
         "compiled": start_server(tiny_chat, logs / "compiled.log", "--compile"),
         "speculative": start_server(tiny_chat, logs / "speculative.log", "--speculative", "ngram",
                                     "--num-speculative-tokens", "6"),
+        "draft": start_server(tiny_chat, logs / "draft.log", "--draft-model", str(tiny_chat), "--draft-quant", "int8"),
     }
     yield servers
     for server in servers.values():
@@ -973,10 +974,12 @@ def test_request_ids_and_the_json_access_log(tiny_chat, tmp_path):
     assert secret not in log.read_text()
 
 
-def test_a_speculative_server_replies_as_the_plain_one(_servers, client):
-    """``--speculative ngram``: the same greedy replies (chat, streamed, with logprobs; completions with stop words)
-    as the plain server, and /metrics shows guesses checked and kept (so they were made)."""
-    spec = _servers["speculative"].wait()
+@pytest.mark.parametrize("kind", ["speculative", "draft"])
+def test_a_speculative_server_replies_as_the_plain_one(_servers, client, kind):
+    """``--speculative ngram`` and ``--draft-model`` (the checkpoint itself in int8): the same greedy replies (chat,
+    streamed, with logprobs; completions with stop words) as the plain server, and /metrics shows guesses checked
+    and kept (so they were made)."""
+    spec = _servers[kind].wait()
     fast = openai.OpenAI(base_url=f"{spec.url}/v1", api_key="any", max_retries=0, timeout=60)
     a_b = {"logit_bias": {"264": 30, "293": 30}}  # " a", " b": a reply that repeats pairs of the prompt's
     for content, extra in (("a b a b b a a b", a_b), ("Hello!", {})):
@@ -993,6 +996,13 @@ def test_a_speculative_server_replies_as_the_plain_one(_servers, client):
     values = {line.split()[0]: float(line.split()[1]) for line in metrics.splitlines() if line.startswith("qwen:spec")}
     assert values["qwen:spec_decode_num_accepted_tokens_total"] > 0
     assert values["qwen:spec_decode_num_draft_tokens_total"] >= values["qwen:spec_decode_num_accepted_tokens_total"]
+
+
+def test_a_draft_model_that_cannot_load_ends_the_server_with_a_message(tiny_chat, tmp_path):
+    result = subprocess.run([sys.executable, "openai_api.py", "-c", str(tiny_chat), "--draft-model",
+                             str(tmp_path / "nowhere")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert f"--draft-model {tmp_path / 'nowhere'}" in result.stderr
 
 
 def test_prometheus_metrics_move_with_streaming_load(tiny_chat, tmp_path):

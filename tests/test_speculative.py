@@ -243,3 +243,73 @@ def test_bf16_replies_part_only_at_ties(tmp_path_factory, tokenizer, prompts):
         if parted is not None:
             (_, first), (_, second) = plain.logprobs[parted][2]
             assert first - second <= 2**-6
+
+
+# ----- a draft model ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def other_draft(tmp_path_factory):
+    """An unrelated small model with Qwen's vocabulary: its guesses are mostly wrong."""
+    from transformers import AutoModelForCausalLM
+
+    from qwen.tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("draft") / "m", layers=1, hidden=32, heads=2,
+                                intermediate=64, seed=7)
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def test_a_draft_model_gives_plain_decodings_replies(tiny_model, other_draft, tokenizer, prompts):
+    """Greedy replies equal plain decoding's with the model as its own draft (every guess kept: the upper bound)
+    and with an unrelated draft (few kept), across guess lengths and with requests joining and leaving a batch of
+    two slots (the draft's cache moves with the engine's slots)."""
+    lengths = [NEW, 7, 25, 3, 33]
+    params = [greedy(n) for n in lengths]
+    want, _ = run(tiny_model, tokenizer, prompts, params, max_batch_size=2)
+    for draft, k in ((tiny_model, 4), (other_draft, 2), (tiny_model, 8)):
+        got, engine = run(tiny_model, tokenizer, prompts, params, max_batch_size=2, draft=draft,
+                          num_speculative_tokens=k)
+        assert outputs(got) == outputs(want)
+        counts = engine.speculated
+        if draft is tiny_model:
+            assert counts.acceptance > 0.95 and counts.tokens_per_draft > k / 2
+        else:
+            assert counts.proposed > 0 and counts.acceptance < 0.5
+
+
+def test_a_draft_model_with_sampling_grammars_and_stops(tiny_model, tokenizer, prompts):
+    """Seeded sampling with penalties and top-k/top-p, a grammar (the draft's guesses follow it too) and stop
+    strings, through a draft model: plain decoding's replies."""
+    pytest.importorskip("llguidance")
+    from qwen.grammar import response_format_grammar
+
+    grammar = response_format_grammar({"type": "json_object"})
+    stop = tokenizer.decode(run(tiny_model, tokenizer, [prompts[0]], greedy())[0][0].output_ids[8:10])
+    params = [sampled(1, top_k=5), sampled(2, top_p=0.9, repetition_penalty=1.2), greedy(n=60, grammar=grammar),
+              sampled(4, n=60, grammar=grammar), greedy(stop=[stop])]
+    batch = [prompts[0], prompts[1], prompts[2], prompts[3], prompts[0]]
+    want, _ = run(tiny_model, tokenizer, batch, params, max_batch_size=8)
+    got, engine = run(tiny_model, tokenizer, batch, params, max_batch_size=8, draft=tiny_model)
+    assert [(s.output_ids, s.finish_reason) for s in got] == [(s.output_ids, s.finish_reason) for s in want]
+    assert engine.speculated.accepted > 0 and want[4].finish_reason == "stop"
+
+
+def test_an_int8_copy_of_the_model_as_its_draft(tiny_model, tokenizer, prompts):
+    """The self-speculative setup: the model's own weights in int8 guess for it (nearly all kept)."""
+    from qwen.quantize import quantize_int8_
+
+    draft = quantize_int8_(copy.deepcopy(tiny_model))
+    want, _ = run(tiny_model, tokenizer, prompts, greedy(), max_batch_size=8)
+    got, engine = run(tiny_model, tokenizer, prompts, greedy(), max_batch_size=8, draft=draft)
+    assert outputs(got) == outputs(want) and engine.speculated.acceptance > 0.8
+
+
+def test_a_draft_with_another_vocabulary_is_refused(tiny_model, tokenizer, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from qwen.tiny import make_tiny_checkpoint
+
+    other = AutoModelForCausalLM.from_pretrained(make_tiny_checkpoint(tmp_path / "v", vocab=152064)).eval()
+    with pytest.raises(ValueError, match="vocabulary has 152064 tokens.*151936"):
+        Engine(tiny_model, tokenizer, draft=other)

@@ -150,7 +150,10 @@ class LocalBackend(Backend):
         self.max_window_size = getattr(config, "max_window_size", None) or 6144
         self.batch_size = args.batch_size
         self.prefix_cache_bytes = prefix_cache_bytes(args)
-        self.engine_settings = engine_settings(args)
+        try:
+            self.engine_settings = engine_settings(args)
+        except ValueError as exc:  # a draft model that cannot be loaded
+            raise EvalError(str(exc)) from None
 
     def choice_probs(self, prompts, spaced_letters, batch_size, truncate, on_batch, show) -> None:
         from qwen.lora import use_lora
