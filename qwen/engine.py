@@ -57,7 +57,15 @@ from .lora import LoraAdapter, row_groups, use_lora
 from .modeling import QWenLMHeadModel, ntk_alpha
 from .prefix_cache import PREFILL_CHUNK, PREFIX_CACHE_BYTES, PrefixCache
 from .sampling import Rows, SamplingParams, TokenStats, device_tensor, select_tokens
-from .speculative import DraftModel, NgramIndex, NgramProposer, Proposer, SpeculationCounts, adapt
+from .speculative import (
+    PAUSE_TOKENS,
+    DraftModel,
+    NgramIndex,
+    NgramProposer,
+    Proposer,
+    SpeculationCounts,
+    adapt,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,9 +129,10 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens taken from the prefix cache instead of computed
     alpha: float = 1.0  # the dynamic-NTK alpha of its keys, fixed at admission from the prompt's length
     looked_up: bool = False  # whether the prefix cache was asked (once, before its first chunk)
-    # with speculation (qwen.speculative): how many tokens its next guess may have (0: not guessed yet), the n-grams
-    # of its tokens (prompt lookup), the positions whose keys a draft model holds
-    guess_len: int = 0
+    # with speculation (qwen.speculative): how many tokens its next guess may have (None: not guessed yet), the
+    # n-grams of its tokens (prompt lookup), the positions whose keys a draft model holds
+    guess_len: int | None = None
+    guess_again_at: int = 0  # after a pause (guess_len 0): the reply length at which it guesses again
     ngram: NgramIndex | None = None
     drafted: int = 0
 
@@ -610,7 +619,10 @@ class Engine:
         kept while it equals the guess. False (nothing done) when no sequence has one."""
         seqs = list(self.running)
         for seq in seqs:
-            seq.guess_len = seq.guess_len or self.num_speculative_tokens
+            if seq.guess_len is None:
+                seq.guess_len = self.num_speculative_tokens
+            elif seq.guess_len == 0 and len(seq.output_ids) >= seq.guess_again_at:
+                seq.guess_len = 1  # the pause is over: try again
         # as long as the sequence may still grow: k guesses and the model's next token
         lengths = [max(0, min(seq.guess_len, seq.params.max_new_tokens - len(seq.output_ids) - 1,
                               self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids))) for seq in seqs]
@@ -645,6 +657,8 @@ class Engine:
         for seq, guess, offset, taken in zip(seqs, guesses, offsets, accepted, strict=True):
             seq.computed = offset + 1 + taken  # the keys of the tokens fed and kept
             seq.guess_len = adapt(seq.guess_len, len(guess), taken, self.num_speculative_tokens)
+            if seq.guess_len == 0:
+                seq.guess_again_at = len(seq.output_ids) + PAUSE_TOKENS
         self.proposer.kept(seqs, guesses, accepted)
         self.speculated.add(sum(map(bool, guesses)), sum(counts) - n, sum(accepted))
         return True

@@ -139,6 +139,8 @@ class DraftModel(Proposer):
 
     def propose(self, seqs: list[Sequence], lengths: list[int], alpha: torch.Tensor,
                 constrain: Constrain | None) -> list[list[int]]:
+        if not any(lengths):  # no forward at all (what it has not seen, it reads at the next guess)
+            return [[] for _ in seqs]
         tokens = [seq.prompt_ids + seq.output_ids for seq in seqs]
         rows = list(range(len(seqs)))
         logits = self._forward(rows, [seq.drafted for seq in seqs],
@@ -194,16 +196,20 @@ class DraftModel(Proposer):
         return self.model.lm_head(last).float()
 
 
+PAUSE_TOKENS = 16  # a sequence whose one-token guesses fail stops guessing for this many tokens
+
+
 def adapt(k: int, proposed: int, accepted: int, most: int) -> int:
-    """The next guess's length for a sequence whose last guess of ``proposed`` tokens had ``accepted`` taken:
-    twice as long (up to ``most``) when all were, half as long (at least 1) when none was. A sequence whose
-    guesses keep failing then checks one extra position per step, which costs a memory-bound forward little."""
+    """The next guess's length for a sequence whose last guess of ``proposed`` tokens had ``accepted`` kept: twice
+    as long (up to ``most``) when all were, half as long when none was, and 0 (a pause: see ``PAUSE_TOKENS``)
+    when a one-token guess failed, so guesses that keep failing (a draft that disagrees, text that does not repeat)
+    cost a step little: the draft model's forwards stop too."""
     if proposed == 0:
         return k
     if accepted == proposed:
         return min(most, 2 * k)
     if accepted == 0:
-        return max(1, k // 2)
+        return k // 2
     return k
 
 

@@ -395,3 +395,25 @@ def test_lora_flag_chats_with_the_adapter(run_cli, tiny_chat, qwen_tokenizer, tm
                               env=ENV, text=True, capture_output=True, timeout=120, stdin=subprocess.DEVNULL)
         assert done.returncode != 0 and "Traceback" not in done.stderr, done.stderr
         assert f"error: --lora {tiny_chat}: {tiny_chat} has no adapter_config.json" in done.stderr
+
+
+def test_speculative_flags_keep_the_seeded_reply_and_refuse_what_cannot_work(run_cli, tiny_chat, tmp_path):
+    """``--speculative ngram`` and ``--draft-model`` (the checkpoint in int8) reach the engine: the same seeded reply
+    as without them (qwen.speculative), and settings the engine refuses, or a draft that cannot load, end the
+    program with a one-line error."""
+    replies = []
+    for extra in ([], ["--speculative", "ngram"], ["--draft-model", str(tiny_chat), "--draft-quant", "int8"]):
+        cli = run_cli("-c", str(tiny_chat), "--seed", "5", "--max-new-tokens", "24", *extra)
+        cli.ready()
+        replies.append(cli.chat("a b a b a b a b"))
+        cli.child.sendline(":q")
+        cli.finish()
+    assert replies[0] and replies[1] == replies[0] and replies[2] == replies[0]
+    bad = {"int8 KV cache": ["--speculative", "ngram", "--kv-cache-int8"],
+           f"--draft-model {tmp_path / 'nowhere'}": ["--draft-model", str(tmp_path / "nowhere")]}
+    for says, extra in bad.items():
+        done = subprocess.run([sys.executable, CLI, "-c", str(tiny_chat), *extra], cwd=ROOT, env=ENV, text=True,
+                              stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode != 0 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr
+        assert says in errors[0], errors

@@ -64,9 +64,9 @@ def test_ngram_index_proposes_what_followed_the_latest_match():
         NgramIndex(max_n=1, min_n=2)
 
 
-def test_adapt_doubles_on_success_and_halves_on_failure():
+def test_adapt_doubles_on_success_halves_on_failure_and_pauses():
     assert adapt(2, 2, 2, most=8) == 4 and adapt(8, 8, 8, most=8) == 8
-    assert adapt(4, 4, 0, most=8) == 2 and adapt(1, 1, 0, most=8) == 1
+    assert adapt(4, 4, 0, most=8) == 2 and adapt(1, 1, 0, most=8) == 0  # 0: a pause
     assert adapt(4, 4, 2, most=8) == 4 and adapt(4, 0, 0, most=8) == 4
 
 
@@ -224,7 +224,8 @@ def test_a_reply_that_repeats_itself_takes_several_tokens_per_forward(tiny_model
 def test_bf16_replies_part_only_at_ties(tmp_path_factory, tokenizer, prompts):
     """In bf16 a forward over several positions rounds attention apart from one at a time by a unit in the last
     place, which decides exact ties of the logits: replies may part there, and only there. Up to where they
-    part the logprobs agree within two bf16 units (2^-6), and there plain decoding's top two are as close."""
+    part the logprobs agree within two units in the last place of these logits (under 4: 2^-6 each), and where
+    they part plain decoding's top two are as close."""
     from transformers import AutoModelForCausalLM
 
     from qwen.tiny import make_tiny_checkpoint
@@ -239,10 +240,10 @@ def test_bf16_replies_part_only_at_ties(tmp_path_factory, tokenizer, prompts):
         pairs = zip(plain.output_ids, fast.output_ids, strict=True)  # both run to n tokens
         parted = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
         kept = plain.logprobs if parted is None else plain.logprobs[:parted]
-        assert all(abs(a[1] - b[1]) <= 2**-6 for a, b in zip(kept, fast.logprobs, strict=False))
+        assert all(abs(a[1] - b[1]) <= 2**-5 for a, b in zip(kept, fast.logprobs, strict=False))
         if parted is not None:
             (_, first), (_, second) = plain.logprobs[parted][2]
-            assert first - second <= 2**-6
+            assert first - second <= 2**-5
 
 
 # ----- a draft model ------------------------------------------------------------------------------
@@ -262,8 +263,8 @@ def other_draft(tmp_path_factory):
 
 def test_a_draft_model_gives_plain_decodings_replies(tiny_model, other_draft, tokenizer, prompts):
     """Greedy replies equal plain decoding's with the model as its own draft (every guess kept: the upper bound)
-    and with an unrelated draft (few kept), across guess lengths and with requests joining and leaving a batch of
-    two slots (the draft's cache moves with the engine's slots)."""
+    and with an unrelated draft (few kept, then guessing pauses), across guess lengths and with requests joining
+    and leaving a batch of two slots (the draft's cache moves with the engine's slots)."""
     lengths = [NEW, 7, 25, 3, 33]
     params = [greedy(n) for n in lengths]
     want, _ = run(tiny_model, tokenizer, prompts, params, max_batch_size=2)
@@ -274,8 +275,9 @@ def test_a_draft_model_gives_plain_decodings_replies(tiny_model, other_draft, to
         counts = engine.speculated
         if draft is tiny_model:
             assert counts.acceptance > 0.95 and counts.tokens_per_draft > k / 2
-        else:
+        else:  # failing guesses shrink to one token, then pause: few drafts for the tokens decoded
             assert counts.proposed > 0 and counts.acceptance < 0.5
+            assert counts.drafts < sum(lengths) / 4
 
 
 def test_a_draft_model_with_sampling_grammars_and_stops(tiny_model, tokenizer, prompts):
