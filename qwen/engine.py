@@ -656,7 +656,8 @@ class Engine:
                 break
         for seq, guess, offset, taken in zip(seqs, guesses, offsets, accepted, strict=True):
             seq.computed = offset + 1 + taken  # the keys of the tokens fed and kept
-            seq.guess_len = adapt(seq.guess_len, len(guess), taken, self.num_speculative_tokens)
+            seq.guess_len = adapt(seq.guess_len, len(guess), taken, self.num_speculative_tokens,
+                                  self.proposer.least)
             if seq.guess_len == 0:
                 seq.guess_again_at = len(seq.output_ids) + PAUSE_TOKENS
         self.proposer.kept(seqs, guesses, accepted)

@@ -86,7 +86,10 @@ class NgramIndex:
 
 class Proposer:
     """Where guesses come from. The engine asks for guesses of ``lengths[i]`` tokens (0: none) for its running
-    sequences (in slots 0..n-1), tells which were kept, and mirrors its slot moves."""
+    sequences (in slots 0..n-1), tells which were kept, and mirrors its slot moves. ``least`` is the shortest
+    guess ``adapt`` shrinks to."""
+
+    least = 1
 
     def propose(self, seqs: list[Sequence], lengths: list[int], alpha: torch.Tensor,
                 constrain: Constrain | None) -> list[list[int]]:
@@ -116,10 +119,12 @@ class NgramProposer(Proposer):
 
 
 class DraftModel(Proposer):
-    """A smaller model that guesses greedily. Its cache has a slot per engine slot; ``Sequence.drafted`` counts the
-    positions of a sequence's tokens whose keys it holds. Each proposal first feeds every token it has not seen
-    (a new sequence's whole prompt, afterwards the model's last token or two) in one forward, then one forward
-    per further guessed token, for the sequences still guessing."""
+    """A smaller model that guesses greedily (and pauses after failures: ``least`` 0). Its cache has a slot per
+    engine slot; ``Sequence.drafted`` counts the positions of a sequence's tokens whose keys it holds. Each
+    proposal first feeds every token it has not seen (a new sequence's whole prompt, afterwards the model's last
+    token or two) in one forward, then one forward per further guessed token, for the sequences still guessing."""
+
+    least = 0
 
     def __init__(self, model: QWenLMHeadModel, target: QWenLMHeadModel, slots: int, max_len: int) -> None:
         draft, config = model.config, target.config
@@ -196,20 +201,20 @@ class DraftModel(Proposer):
         return self.model.lm_head(last).float()
 
 
-PAUSE_TOKENS = 16  # a sequence whose one-token guesses fail stops guessing for this many tokens
+PAUSE_TOKENS = 16  # a draft model's sequence whose one-token guesses fail stops guessing for this many tokens
 
 
-def adapt(k: int, proposed: int, accepted: int, most: int) -> int:
+def adapt(k: int, proposed: int, accepted: int, most: int, least: int) -> int:
     """The next guess's length for a sequence whose last guess of ``proposed`` tokens had ``accepted`` kept: twice
-    as long (up to ``most``) when all were, half as long when none was, and 0 (a pause: see ``PAUSE_TOKENS``)
-    when a one-token guess failed, so guesses that keep failing (a draft that disagrees, text that does not repeat)
-    cost a step little: the draft model's forwards stop too."""
+    as long (up to ``most``) when all were, half as long (down to ``least``) when none was. ``least`` is 0 for a
+    draft model, whose forwards cost a step something: a failed one-token guess then pauses guessing (see
+    ``PAUSE_TOKENS``); 1 for prompt lookup, which costs a step next to nothing (one more position to check)."""
     if proposed == 0:
         return k
     if accepted == proposed:
         return min(most, 2 * k)
     if accepted == 0:
-        return k // 2
+        return max(least, k // 2)
     return k
 
 

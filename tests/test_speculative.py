@@ -64,10 +64,11 @@ def test_ngram_index_proposes_what_followed_the_latest_match():
         NgramIndex(max_n=1, min_n=2)
 
 
-def test_adapt_doubles_on_success_halves_on_failure_and_pauses():
-    assert adapt(2, 2, 2, most=8) == 4 and adapt(8, 8, 8, most=8) == 8
-    assert adapt(4, 4, 0, most=8) == 2 and adapt(1, 1, 0, most=8) == 0  # 0: a pause
-    assert adapt(4, 4, 2, most=8) == 4 and adapt(4, 0, 0, most=8) == 4
+def test_adapt_doubles_on_success_halves_on_failure_and_pauses_a_draft_model():
+    assert adapt(2, 2, 2, most=8, least=1) == 4 and adapt(8, 8, 8, most=8, least=1) == 8
+    assert adapt(4, 4, 0, most=8, least=1) == 2 and adapt(1, 1, 0, most=8, least=1) == 1
+    assert adapt(1, 1, 0, most=8, least=0) == 0  # a draft model's pause
+    assert adapt(4, 4, 2, most=8, least=1) == 4 and adapt(4, 0, 0, most=8, least=1) == 4
 
 
 @pytest.mark.parametrize("k", [1, 3, 8])
