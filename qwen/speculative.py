@@ -31,12 +31,14 @@ how the last one fared.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 
+from .cpu_kernels import decode_rows
 from .kv_cache import SlotKVCache, chunk_mask
 from .sampling import argmax_rows
 
@@ -49,6 +51,7 @@ Constrain = Callable[[torch.Tensor, list], None]
 
 NGRAM_MAX = 4  # the longest suffix looked up
 NGRAM_MIN = 2  # the shortest: single tokens repeat too often to predict what follows
+DECODE_WIDTH = 8  # a draft model's forward of at most this many tokens per sequence runs on the decode kernels
 
 
 class NgramIndex:
@@ -194,9 +197,12 @@ class DraftModel(Proposer):
         ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=device)
         positions = torch.tensor(offsets, device=device)[:, None] + torch.arange(width, device=device)[None]
         kv_len = self.cache.begin_prefill(slots, offsets, counts)
-        hidden = self.model.transformer(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
-                                        attention_mask=chunk_mask(positions, counts, kv_len),
-                                        ntk_alpha_override=alpha).last_hidden_state
+        # A few tokens a sequence (the usual catch-up) run on the decode kernels: a quantized draft's prompt path
+        # dequantizes every weight, and PyTorch's bf16 matmul is slower than qwen's kernel for a few rows.
+        with decode_rows() if width <= DECODE_WIDTH else contextlib.nullcontext():
+            hidden = self.model.transformer(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
+                                            attention_mask=chunk_mask(positions, counts, kv_len),
+                                            ntk_alpha_override=alpha).last_hidden_state
         last = hidden[torch.arange(len(slots), device=device), torch.tensor(counts, device=device) - 1]
         return self.model.lm_head(last).float()
 
