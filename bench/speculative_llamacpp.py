@@ -103,7 +103,8 @@ def main() -> None:
             with log_path.open("w") as out:
                 server = subprocess.Popen([str(build / "bin" / "llama-server"), "-m", str(gguf), *threads, *extra,
                                            "--port", str(port), "--host", "127.0.0.1", "-c", "4096", "-np", "1",
-                                           "--alias", "bench"], stdout=out, stderr=subprocess.STDOUT)
+                                           "--chat-template", "chatml", "--alias", "bench"],
+                                          stdout=out, stderr=subprocess.STDOUT)
                 try:
                     wait_until_ok(f"http://127.0.0.1:{port}/health", 600, server, log_path)
                     rates = measure(f"http://127.0.0.1:{port}", alphabets, args.new_tokens, args.rounds)

@@ -151,7 +151,7 @@ def _column(values: list[float], logits: torch.Tensor) -> torch.Tensor:
     return device_tensor(values, logits.device, torch.float32)[:, None]
 
 
-def _add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
+def add_logit_bias(logits: torch.Tensor, params: list[SamplingParams]) -> None:
     """Add each row's ``logit_bias`` in place; one scatter for all the rows that have one."""
     entries = [(row, token, value) for row, p in enumerate(params) for token, value in (p.logit_bias or {}).items()]
     if entries:
@@ -175,7 +175,7 @@ def select_tokens(
     distribution they were drawn from (after logit bias, penalties and temperature, before top-k/top-p).
     """
     logits = logits.float()
-    _add_logit_bias(logits, params)
+    add_logit_bias(logits, params)
     if any(p.repetition_penalty != 1.0 for p in params):
         penalty = _column([p.repetition_penalty for p in params], logits)
         ids = stats.seen_ids(rows, logits.device)

@@ -22,8 +22,8 @@ Guesses come from a proposer:
   It costs nothing to propose and gains where replies copy their input (summaries, document QA, code edits, RAG
   answers).
 * ``DraftModel`` (``draft=model``): a second, smaller Qwen v1 model with the same vocabulary (Qwen-1.8B for
-  Qwen-7B/14B/72B, or the model itself quantized to int4) decodes the guess greedily, batched over the
-  sequences, from its own KV cache, one slot per engine slot.
+  Qwen-7B/14B/72B, or the model itself quantized to int4) decodes the guess greedily (with the request's logit
+  bias), batched over the sequences, from its own KV cache, one slot per engine slot.
 
 A grammar constrains the guesses as it does the model's choices. ``adapt`` sizes each sequence's next guess from
 how the last one fared.
@@ -40,7 +40,7 @@ import torch
 
 from .cpu_kernels import decode_rows
 from .kv_cache import SlotKVCache, chunk_mask
-from .sampling import argmax_rows
+from .sampling import add_logit_bias, argmax_rows
 
 if TYPE_CHECKING:
     from .engine import Sequence
@@ -159,6 +159,7 @@ class DraftModel(Proposer):
         going = [i for i in rows if lengths[i] > 0]
         logits = logits[going]
         while going:
+            add_logit_bias(logits, [seqs[i].params for i in going])  # a request's bias steers its guesses too
             constrained = [(k, seqs[i].matcher) for k, i in enumerate(going) if seqs[i].matcher is not None]
             if constrained and constrain is not None:
                 constrain(logits, constrained)

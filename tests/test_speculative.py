@@ -316,3 +316,11 @@ def test_a_draft_with_another_vocabulary_is_refused(tiny_model, tokenizer, tmp_p
     other = AutoModelForCausalLM.from_pretrained(make_tiny_checkpoint(tmp_path / "v", vocab=152064)).eval()
     with pytest.raises(ValueError, match="vocabulary has 152064 tokens.*151936"):
         Engine(tiny_model, tokenizer, draft=other)
+
+
+def test_a_draft_model_guesses_with_the_requests_logit_bias(tiny_model, other_draft, tokenizer, prompts):
+    """A bias that makes the reply one token: an unrelated draft guesses it too (every guess kept)."""
+    params = greedy(n=30, logit_bias={tokenizer.encode(" a")[0]: 50.0})
+    want, _ = run(tiny_model, tokenizer, [prompts[1]], params)
+    got, engine = run(tiny_model, tokenizer, [prompts[1]], params, draft=other_draft)
+    assert outputs(got) == outputs(want) and engine.speculated.acceptance == 1.0
