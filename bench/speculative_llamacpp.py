@@ -40,6 +40,7 @@ from qwen.tiny import make_tiny_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 GUESS = 4
+WAYS = ("plain", "prompt lookup", "int4 draft")
 
 
 def decode_rate(url: str, prompt: list[int], bias: dict[int, float], new_tokens: int, sample: bool,
@@ -77,9 +78,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--alphabets", default="1,2", help="alphabet sizes A: acceptance about 1/A")
+    parser.add_argument("--ways", default=",".join(WAYS),
+                        help="which ways to run, comma-separated (plain is each server's reference)")
     add_json_arg(parser)
     args = parser.parse_args()
     alphabets = [int(a) for a in args.alphabets.split(",")]
+    ways = ["plain", *(w for w in args.ways.split(",") if w != "plain")]
+    if unknown := set(ways) - set(WAYS):
+        sys.exit(f"unknown --ways {', '.join(sorted(unknown))}; choose from {', '.join(WAYS)}")
     started = time.perf_counter()
     build = llamacpp_build.build_or_exit(["llama-server", "llama-quantize"], announce=log)
     if build is None:
@@ -97,6 +103,8 @@ def main() -> None:
                       "int4 draft": ["-md", str(q4), "--spec-draft-n-max", str(GUESS), "-td", str(args.threads)]}
         ours_ways = {"plain": [], "prompt lookup": ["--speculative", "ngram"],
                      "int4 draft": ["--draft-model", str(folder), "--draft-quant", "int4"]}
+        llama_ways = {w: llama_ways[w] for w in ways}
+        ours_ways = {w: ours_ways[w] for w in ways}
         for way, extra in llama_ways.items():
             port = free_port()
             log_path = work / "llama-server.log"

@@ -4,7 +4,7 @@ A batch-1 decode reads every weight once per token, so its speed is the memory's
 token plus k guessed ones reads the weights once too and gives the model's choice after each of them, so
 every guess the model agrees with is a token gained for the price of one read.
 
-The engine (``Engine(..., draft="ngram")``) verifies guesses as k + 1 ordinary token selections fed by that one
+The engine (``Engine(..., draft=...)``) verifies guesses as k + 1 ordinary token selections fed by that one
 forward: position j selects the next token exactly as a plain decode step would (logit bias, penalties counting
 the tokens accepted before it, temperature, top-k/top-p, the grammar's mask, the request's own generator),
 and the row stops at the first selection that differs from the guess. That selection is the next token; the

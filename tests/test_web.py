@@ -402,3 +402,16 @@ def test_a_bad_checkpoint_path_gives_a_one_line_error(tmp_path, tiny_chat):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+
+
+def test_speculative_flags_reach_the_engine(tmp_path, tiny_chat):
+    """``--speculative`` and ``--draft-model`` go to the page's engine: settings it refuses, and a draft that cannot
+    load, end the program with a one-line error before the page starts."""
+    cases = {"int8 KV cache": ["--speculative", "ngram", "--kv-cache-int8"],
+             f"--draft-model {tmp_path / 'nowhere'}": ["--draft-model", str(tmp_path / "nowhere")]}
+    for says, extra in cases.items():
+        done = subprocess.run([sys.executable, WEB, "-c", str(tiny_chat), "--server-port", str(free_port()), *extra],
+                              cwd=ROOT, env=ENV, text=True, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+        errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert done.returncode != 0 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr
+        assert says in errors[0], errors
