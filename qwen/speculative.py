@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 
@@ -43,8 +43,8 @@ from .kv_cache import SlotKVCache, chunk_mask
 from .sampling import add_logit_bias, argmax_rows
 
 if TYPE_CHECKING:
-    from .engine import Sequence
     from .modeling import QWenLMHeadModel
+    from .sampling import SamplingParams
 
 # (logits [n, V], [(row, grammar matcher)]): masks, in place, what each row's grammar forbids now
 Constrain = Callable[[torch.Tensor, list], None]
@@ -85,6 +85,17 @@ class NgramIndex:
                     guess.append(tokens[src] if src < len(tokens) else guess[src - len(tokens)])
                 return guess
         return []
+
+
+class Sequence(Protocol):
+    """A running request as a proposer sees it (``qwen.engine.Sequence``)."""
+
+    prompt_ids: list[int]
+    output_ids: list[int]
+    params: SamplingParams
+    matcher: Any  # its grammar's llguidance matcher, or None
+    ngram: NgramIndex | None
+    drafted: int
 
 
 class Proposer:
