@@ -52,7 +52,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .chat import cut_text, stable_text
 from .cpu_kernels import decode_rows
-from .kv_cache import SlotKVCache, chunk_mask
+from .kv_cache import SlotKVCache
 from .lora import LoraAdapter, row_groups, use_lora
 from .modeling import QWenLMHeadModel, ntk_alpha
 from .prefix_cache import PREFILL_CHUNK, PREFIX_CACHE_BYTES, PrefixCache
@@ -518,25 +518,22 @@ class Engine:
             batch.append(seq)
             counts.append(min(len(seq.prompt_ids) - seq.computed, budget))
             budget -= counts[-1]
-        offsets, width = [s.computed for s in batch], max(counts)
+        offsets = [s.computed for s in batch]
         # A quantized layer takes one column per sequence for a decode step; a prompt's tokens must take the
-        # prefill path whatever else is in the chunk (qwen.quantization.one_token_each): pad a lone column.
-        padded = width == 1 and not any(self.cache.windows)  # (a ring layer's prefill attends its own chunk)
-        width += padded
-        ids = torch.tensor([s.prompt_ids[o : o + n] + [0] * (width - n) for s, o, n in zip(batch, offsets, counts,
-                                                                                         strict=True)],
-                           device=self.device)
-        positions = device_tensor(offsets, self.device)[:, None] + torch.arange(width, device=self.device)[None]
+        # prefill path whatever else is in the chunk (qwen.quantization.one_token_each): pad a lone column
+        # (not for a ring layer, whose prefill attends its own chunk).
         slots = [s.slot for s in batch]
-        kv_len = self.cache.begin_prefill(slots, offsets, counts)
-        # from position 0, right padding needs only the causal mask
-        mask = chunk_mask(positions, counts, kv_len) if any(offsets) or padded else None
+        ids, positions, mask = self.cache.begin_chunks(
+            slots, offsets, [s.prompt_ids[o : o + n] for s, o, n in zip(batch, offsets, counts, strict=True)],
+            width=1 if any(self.cache.windows) else 2)
         with use_lora(row_groups([s.adapter for s in batch], self.device)):
             hidden = self._hidden(ids, positions, mask, self.alpha[device_tensor(slots, self.device)])
         for row, (seq, n) in enumerate(zip(batch, counts, strict=True)):
             if seq.params.prompt_logprobs is not None:
                 self._score_prompt(seq, hidden[row, :n])
             seq.computed += n
+        if self.proposer is not None:  # a draft model reads the prompt too (its chunk, or all a prefix cache gave)
+            self.proposer.prefilled([seq for seq in batch if seq.params.max_new_tokens > 1], self.alpha)
         scored_only = [seq for seq in batch if seq.prefilled and seq.params.max_new_tokens == 0]
         for seq in scored_only:
             self.prefilling.remove(seq)
@@ -628,25 +625,17 @@ class Engine:
                               self.max_model_len - len(seq.prompt_ids) - len(seq.output_ids))) for seq in seqs]
         constrain = self._grammars.constrain if self._grammars is not None else None
         guesses = self.proposer.propose(seqs, lengths, self.alpha[: len(seqs)], constrain)
-        for i, seq in enumerate(seqs):  # a grammar's first forbidden token ends a guess
-            if seq.matcher is not None and guesses[i]:
-                guesses[i] = guesses[i][: seq.matcher.validate_tokens(guesses[i])]
         if not any(guesses):
             return False
         n = len(seqs)
-        counts = [1 + len(g) for g in guesses]
-        width = max(counts)
         offsets = [len(s.prompt_ids) + len(s.output_ids) - 1 for s in seqs]
-        ids = torch.tensor([[0, *g] + [0] * (width - c) for g, c in zip(guesses, counts, strict=True)],
-                           device=self.device)
-        ids[:, 0] = self.next_tokens[:n]
-        positions = device_tensor(offsets, self.device)[:, None] + torch.arange(width, device=self.device)[None]
-        kv_len = self.cache.begin_prefill(list(range(n)), offsets, counts)
+        ids, positions, mask = self.cache.begin_chunks(list(range(n)), offsets,
+                                                       [[s.output_ids[-1], *g] for s, g in zip(seqs, guesses,
+                                                                                               strict=True)])
         with use_lora(row_groups([s.adapter for s in seqs], self.device)), decode_rows():
-            hidden = self._hidden(ids, positions, chunk_mask(positions, counts, kv_len), self.alpha[:n])
-            logits = self.model.lm_head(hidden)
+            logits = self.model.lm_head(self._hidden(ids, positions, mask, self.alpha[:n]))
         going, accepted = list(range(n)), [0] * n
-        for j in range(width):
+        for j in range(ids.shape[1]):
             self._sample([seqs[i] for i in going], going, logits[going, j])
             going = [i for i in going if not seqs[i].done and j < len(guesses[i])
                      and seqs[i].output_ids[-1] == guesses[i][j]]
@@ -661,7 +650,7 @@ class Engine:
             if seq.guess_len == 0:
                 seq.guess_again_at = len(seq.output_ids) + PAUSE_TOKENS
         self.proposer.kept(seqs, guesses, accepted)
-        self.speculated.add(sum(map(bool, guesses)), sum(counts) - n, sum(accepted))
+        self.speculated.add(sum(map(bool, guesses)), sum(map(len, guesses)), sum(accepted))
         return True
 
     def _launch(self, seqs: list[Sequence], rows: slice, logits: torch.Tensor) -> _Launched:

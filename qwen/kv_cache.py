@@ -182,19 +182,32 @@ class SlotKVCache:
         self._slots, self._offsets, self._lengths = [], None, None
         return kv_len
 
-    def begin_prefill(self, slots: list[int], offsets: list[int], lengths: list[int]) -> int:
-        """Next forward prefills row i into slot ``slots[i]``: its ``lengths[i]`` new tokens (right-padded to
-        the longest) at positions ``offsets[i]`` on, after the keys already in the slot. Returns how many keys
-        it attends (the longest row's end). A ring (window) layer takes prefills from position 0 only."""
+    def begin_chunks(self, slots: list[int], offsets: list[int], chunks: list[list[int]], width: int = 1,
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Next forward feeds ``chunks[i]`` (token ids) into slot ``slots[i]`` at positions ``offsets[i]`` on, after
+        the keys already in the slot: a prompt's chunk, a sequence's next token and its guesses. Returns the
+        forward's input ids and positions [rows, width], the chunks right-padded to the longest (at least
+        ``width``), and its attention mask, in which each query sees the keys up to its own position (None where
+        the causal mask does that: every chunk from position 0, none padded past the longest). A ring (window)
+        layer takes chunks from position 0 only."""
+        lengths = [len(chunk) for chunk in chunks]
         kv_len = max(o + n for o, n in zip(offsets, lengths, strict=True))
         if any(offsets) and any(self.windows):
             raise ValueError("a model with window attention prefills from position 0 only")
         self.ensure_capacity(kv_len)
         contiguous = slots == list(range(slots[0], slots[0] + len(slots)))
         self._rows = slice(slots[0], slots[0] + len(slots)) if contiguous else torch.tensor(slots, device=self.device)
-        self._slots, self._offsets, self._lengths = list(slots), list(offsets), list(lengths)
+        self._slots, self._offsets, self._lengths = list(slots), list(offsets), lengths
         self._starts, self._q_len, self._kv_len = None, max(lengths), kv_len
-        return kv_len
+        width = max(width, *lengths)
+        ids = torch.tensor([chunk + [0] * (width - len(chunk)) for chunk in chunks], device=self.device)
+        positions = device_tensor(offsets, self.device)[:, None] + torch.arange(width, device=self.device)[None]
+        if not any(offsets) and width == kv_len:
+            return ids, positions, None
+        keys = torch.arange(kv_len, device=self.device)
+        real = torch.arange(width, device=self.device)[None] < device_tensor(lengths, self.device)[:, None]
+        # A padding query may see every key (its output is never used) rather than none (NaN).
+        return ids, positions, ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self._kv_len - self._q_len
@@ -273,13 +286,3 @@ class SlotKVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._tensors())
-
-
-def chunk_mask(positions: torch.Tensor, counts: list[int], kv_len: int) -> torch.Tensor:
-    """The attention mask [rows, 1, width, kv_len] of a right-padded chunk whose row i holds ``counts[i]`` tokens at
-    ``positions[i]`` after the keys already in its slot: each query sees the keys up to its own position."""
-    device = positions.device
-    keys = torch.arange(kv_len, device=device)
-    real = torch.arange(positions.shape[1], device=device)[None] < device_tensor(counts, device)[:, None]
-    # A padding query may see every key (its output is never used) rather than none (NaN).
-    return ((keys[None, None] <= positions[:, :, None]) | ~real[:, :, None])[:, None]

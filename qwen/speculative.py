@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from .cpu_kernels import decode_rows
-from .kv_cache import SlotKVCache, chunk_mask
+from .kv_cache import SlotKVCache
 from .sampling import add_logit_bias, argmax_rows
 
 if TYPE_CHECKING:
@@ -96,18 +96,24 @@ class Sequence(Protocol):
     matcher: Any  # its grammar's llguidance matcher, or None
     ngram: NgramIndex | None
     drafted: int
+    slot: int
+    computed: int  # positions whose keys the model's cache holds
 
 
 class Proposer:
     """Where guesses come from. The engine asks for guesses of ``lengths[i]`` tokens (0: none) for its running
-    sequences (in slots 0..n-1), tells which were kept, and mirrors its slot moves. ``least`` is the shortest
-    guess ``adapt`` shrinks to."""
+    sequences (in slots 0..n-1; a guess holds only tokens the sequence's grammar allows), tells which were kept, and
+    mirrors its slot moves. ``least`` is the shortest guess ``adapt`` shrinks to."""
 
     least = 1
 
     def propose(self, seqs: list[Sequence], lengths: list[int], alpha: torch.Tensor,
                 constrain: Constrain | None) -> list[list[int]]:
         raise NotImplementedError
+
+    def prefilled(self, seqs: list[Sequence], alpha: torch.Tensor) -> None:
+        """The engine computed the keys of these sequences' prompts up to ``Sequence.computed`` (in slots
+        ``Sequence.slot``; ``alpha`` is the engine's NTK alpha per slot)."""
 
     def kept(self, seqs: list[Sequence], guesses: list[list[int]], accepted: list[int]) -> None:
         """After a check: ``accepted[i]`` of ``guesses[i]`` were kept."""
@@ -120,7 +126,8 @@ class Proposer:
 
 
 class NgramProposer(Proposer):
-    """Prompt lookup: each sequence's ``NgramIndex`` (kept on the sequence)."""
+    """Prompt lookup: each sequence's ``NgramIndex`` (kept on the sequence), cut before the first token its
+    grammar forbids."""
 
     def propose(self, seqs: list[Sequence], lengths: list[int], alpha: torch.Tensor,
                 constrain: Constrain | None) -> list[list[int]]:
@@ -128,14 +135,17 @@ class NgramProposer(Proposer):
         for seq, length in zip(seqs, lengths, strict=True):
             if seq.ngram is None:
                 seq.ngram = NgramIndex()
-            guesses.append(seq.ngram.propose(seq.prompt_ids + seq.output_ids, length))
+            guess = seq.ngram.propose(seq.prompt_ids + seq.output_ids, length)
+            if seq.matcher is not None and guess:
+                guess = guess[: seq.matcher.validate_tokens(guess)]
+            guesses.append(guess)
         return guesses
 
 
 class DraftModel(Proposer):
     """A smaller model that guesses greedily (and pauses after failures: ``least`` 0). Its cache has a slot per
-    engine slot; ``Sequence.drafted`` counts the positions of a sequence's tokens whose keys it holds. Each
-    proposal first feeds every token it has not seen (a new sequence's whole prompt, afterwards the model's last
+    engine slot; ``Sequence.drafted`` counts the positions of a sequence's tokens whose keys it holds. It reads each
+    prompt chunk as the engine prefills it; each proposal first feeds the tokens it has not seen (the model's last
     token or two) in one forward, then one forward per further guessed token, for the sequences still guessing."""
 
     least = 0
@@ -189,6 +199,18 @@ class DraftModel(Proposer):
                 seq.matcher.rollback(len(guess))
         return guesses
 
+    def prefilled(self, seqs: list[Sequence], alpha: torch.Tensor) -> None:
+        """Read the same prompt tokens, so that a sequence's first guess reads one token, not its whole prompt
+        (which would stall every running sequence for that step, unchunked)."""
+        seqs = [seq for seq in seqs if seq.drafted < seq.computed]
+        if not seqs:
+            return
+        slots = [seq.slot for seq in seqs]
+        chunks = [seq.prompt_ids[seq.drafted : seq.computed] for seq in seqs]
+        self._forward(slots, [seq.drafted for seq in seqs], chunks, alpha[slots], logits=False)
+        for seq in seqs:
+            seq.drafted = seq.computed
+
     def kept(self, seqs: list[Sequence], guesses: list[list[int]], accepted: list[int]) -> None:
         for seq, guess, taken in zip(seqs, guesses, accepted, strict=True):
             seq.drafted += min(taken, max(len(guess) - 1, 0))  # the kept guesses it was fed (all but the last)
@@ -199,24 +221,21 @@ class DraftModel(Proposer):
     def swap(self, a: int, b: int) -> None:
         self.cache.swap(a, b)
 
-    def _forward(self, slots: list[int], offsets: list[int], chunks: list[list[int]],
-                 alpha: torch.Tensor) -> torch.Tensor:
+    def _forward(self, slots: list[int], offsets: list[int], chunks: list[list[int]], alpha: torch.Tensor,
+                 logits: bool = True) -> torch.Tensor | None:
         """Feed ``chunks[i]`` at positions ``offsets[i]`` on into slot ``slots[i]``; the logits [n, V] (fp32) after
-        each chunk's last token."""
+        each chunk's last token (if ``logits``)."""
         device = self.model.device
-        counts = [len(c) for c in chunks]
-        width = max(counts)
-        ids = torch.tensor([c + [0] * (width - len(c)) for c in chunks], device=device)
-        positions = torch.tensor(offsets, device=device)[:, None] + torch.arange(width, device=device)[None]
-        kv_len = self.cache.begin_prefill(slots, offsets, counts)
+        ids, positions, mask = self.cache.begin_chunks(slots, offsets, chunks)
         # A few tokens a sequence (the usual catch-up) run on the decode kernels: a quantized draft's prompt path
         # dequantizes every weight, and PyTorch's bf16 matmul is slower than qwen's kernel for a few rows.
-        with decode_rows() if width <= DECODE_WIDTH else contextlib.nullcontext():
+        with decode_rows() if ids.shape[1] <= DECODE_WIDTH else contextlib.nullcontext():
             hidden = self.model.transformer(input_ids=ids, position_ids=positions, cache=self.cache, use_cache=True,
-                                            attention_mask=chunk_mask(positions, counts, kv_len),
-                                            ntk_alpha_override=alpha).last_hidden_state
-        last = hidden[torch.arange(len(slots), device=device), torch.tensor(counts, device=device) - 1]
-        return self.model.lm_head(last).float()
+                                            attention_mask=mask, ntk_alpha_override=alpha).last_hidden_state
+        if not logits:
+            return None
+        ends = torch.tensor([len(c) - 1 for c in chunks], device=device)
+        return self.model.lm_head(hidden[torch.arange(len(slots), device=device), ends]).float()
 
 
 PAUSE_TOKENS = 16  # a draft model's sequence whose one-token guesses fail stops guessing for this many tokens

@@ -324,3 +324,30 @@ def test_a_draft_model_guesses_with_the_requests_logit_bias(tiny_model, other_dr
     want, _ = run(tiny_model, tokenizer, [prompts[1]], params)
     got, engine = run(tiny_model, tokenizer, [prompts[1]], params, draft=other_draft)
     assert outputs(got) == outputs(want) and engine.speculated.acceptance == 1.0
+
+
+def test_a_draft_model_reads_prompts_as_the_engine_prefills_them(tiny_model, tokenizer, prompts):
+    """The draft reads each prompt chunk in the step that prefills it (and a prefix cache's part with the first
+    chunk), so its first guess does not read a whole prompt in a decode step. Its keys equal those of a draft
+    that read the prompt in one forward, and the replies equal plain decoding's."""
+    prompt = sum(prompts[:4], []) * 3  # 144 tokens
+    earlier = greedy(n=2)
+    reference = Engine(tiny_model, tokenizer, draft=tiny_model, prefix_cache_bytes=0)
+    reference.generate([prompt], greedy())
+    engine = Engine(tiny_model, tokenizer, draft=tiny_model, prefill_chunk=16)
+    engine.generate([prompt[:70]], earlier)  # its first 64 tokens (two blocks) into the prefix cache
+    seq = engine.submit(prompt, greedy())
+    steps = []
+    while not seq.output_ids:
+        engine.step()
+        steps.append((seq.computed, seq.drafted))
+    assert steps[0] == (64 + 16, 64 + 16) and len(steps) > 2  # the cached prefix and a chunk of 16, then chunks
+    assert all(drafted == computed for computed, drafted in steps[:-1])  # (the last step guesses too)
+    while engine.step():
+        pass
+    assert seq.output_ids == Engine(tiny_model, tokenizer).generate([prompt], greedy())[0].output_ids
+    n = len(prompt)
+    for (k, v), (k_ref, v_ref) in zip(engine.proposer.cache.read(0, 0, n), reference.proposer.cache.read(0, 0, n),
+                                      strict=True):
+        torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-4)
