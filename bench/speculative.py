@@ -10,8 +10,10 @@ probability 1/A (A = 2: about half; A = 16: 6%, about the floor, where the guess
 Plain decoding runs the same requests in the same rounds (the reference); each row is the median over
 ``--rounds`` of decode tokens/s (tokens after the first over the time after the first token) and its ratio to
 plain decoding's in the same round. "tokens per draft" is what a sequence gets from one checked guess.
-The break-even column is the acceptance at which a guess of k tokens pays for its wider forward, from the
-measured cost of that forward (acceptance 1) and the expected tokens per draft (1 - a^(k+1)) / (1 - a).
+The break-even column is the acceptance at which a guess of k tokens pays for its wider forward (and, for a draft
+model, for the draft's forwards), from their measured cost in plain steps (the run where every guess is kept) and
+the expected tokens per draft (1 - a^(k+1)) / (1 - a) at acceptance a, for a fixed k (the engine adapts k, so a
+sequence below break-even soon guesses less).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 
 import torch
 from generate import build_model  # bench/generate.py (the script's folder is on sys.path)
@@ -41,6 +44,11 @@ def alphabet_prompt(size: int, length: int, seed: int) -> tuple[list[int], list[
     gen = torch.Generator().manual_seed(seed)
     rest = [letters[i] for i in torch.randint(0, size, (max(0, length - len(pairs)),), generator=gen).tolist()]
     return letters, pairs + rest
+
+
+def make_engine(model, tokenizer, batch: int, **kw) -> Engine:
+    """An engine without the prefix cache (the rounds repeat their prompts)."""
+    return Engine(model, tokenizer, max_batch_size=batch, prefix_cache_bytes=0, max_model_len=2048, **kw)
 
 
 def decode_rate(engine: Engine, prompts: list[list[int]], params: list[SamplingParams]) -> float:
@@ -80,10 +88,9 @@ def measure(engines: dict[str, Engine], prompts: list[list[int]], params: list[S
 
 def ngram_runs(model, tokenizer, args, ks: list[int], alphabets: list[int]) -> list[dict]:
     """Prompt lookup against plain decoding, per guess length and alphabet size (acceptance about 1 / A)."""
-    def engine(**kw) -> Engine:
-        return Engine(model, tokenizer, max_batch_size=args.batch, prefix_cache_bytes=0, max_model_len=2048, **kw)
-
-    engines = {"plain": engine(), **{f"k={k}": engine(draft="ngram", num_speculative_tokens=k) for k in ks}}
+    engines = {"plain": make_engine(model, tokenizer, args.batch),
+               **{f"k={k}": make_engine(model, tokenizer, args.batch, draft="ngram", num_speculative_tokens=k)
+                  for k in ks}}
     rows = []
     for size in alphabets:
         letters, prompt = alphabet_prompt(size, 300, seed=size)
@@ -93,36 +100,45 @@ def ngram_runs(model, tokenizer, args, ks: list[int], alphabets: list[int]) -> l
         results = measure(engines, [prompt] * args.batch, params, args.rounds)
         for k in ks:
             rows.append({"alphabet": size, "k": k, **results[f"k={k}"], "plain tok/s": results["plain"]["tok/s"]})
-    # A forward that checks k guesses costs, in plain steps, its tokens over its speedup where all are kept.
-    for row in rows:
-        full = next((r for r in rows if r["k"] == row["k"] and r["acceptance"] == 1.0), None)
-        cost = full["tokens per draft"] / full["vs plain"] if full else None
-        row["break-even acceptance"] = break_even(row["k"], cost) if cost else None
+    add_break_even(rows, ("k",), lambda r: r["alphabet"] == 1)
     return rows
 
 
 def draft_runs(model, tokenizer, args, tmp: str) -> list[dict]:
-    """Draft models against plain decoding, greedy on random prompts: the model itself (every guess kept, the
-    machinery's cost at acceptance 1), its int4 copy (the self-speculative setup), a 4-layer model of the same
-    width (unrelated random weights: nearly nothing kept, the floor; not for the tiny shape)."""
+    """Draft models against plain decoding: the model itself (a draft that costs a full step a token), its int4
+    copy (the self-speculative setup), a 4-layer model of the same width (not for the tiny shape). Each guesses
+    on random prompts without a bias (on random weights nearly nothing is kept: the floor) and under a bias to one
+    token (A = 1; the draft guesses with the request's bias, so every guess is kept: the cost of guessing)."""
     drafts = {"the model itself": model, "its int4 copy": quantize_int4_(copy.deepcopy(model))}
     if args.shape != "tiny":  # (the tiny shape's is a checkpoint: no other one to compare)
         drafts["a 4-layer model"] = build_model(args.shape, torch.bfloat16, tmp, torch.device("cpu"),
                                                 num_hidden_layers=4)
     gen = torch.Generator().manual_seed(0)
-    prompts = torch.randint(0, 150000, (args.batch, 64), generator=gen).tolist()
-    params = [SamplingParams(max_new_tokens=args.new_tokens, do_sample=False) for _ in prompts]
+    random = torch.randint(0, 150000, (args.batch, 64), generator=gen).tolist()
+    letters, prompt = alphabet_prompt(1, 64, seed=1)
+    cases = {"random": (random, {}), "A = 1": ([prompt] * args.batch, {letters[0]: 40.0})}
     rows = []
     for k in (2, 4):
-        engines = {"plain": Engine(model, tokenizer, max_batch_size=args.batch, prefix_cache_bytes=0,
-                                   max_model_len=2048)}
-        for name, draft in drafts.items():
-            engines[name] = Engine(model, tokenizer, max_batch_size=args.batch, prefix_cache_bytes=0,
-                                   max_model_len=2048, draft=draft, num_speculative_tokens=k)
-        results = measure(engines, prompts, params, args.rounds)
-        rows += [{"draft": name, "k": k, **results[name], "plain tok/s": results["plain"]["tok/s"]}
-                 for name in drafts]
+        engines = {"plain": make_engine(model, tokenizer, args.batch),
+                   **{name: make_engine(model, tokenizer, args.batch, draft=d, num_speculative_tokens=k)
+                      for name, d in drafts.items()}}
+        for case, (prompts, bias) in cases.items():
+            params = [SamplingParams(max_new_tokens=args.new_tokens, do_sample=False, logit_bias=bias) for _ in prompts]
+            results = measure(engines, prompts, params, args.rounds)
+            rows += [{"draft": name, "prompt": case, "k": k, **results[name], "plain tok/s": results["plain"]["tok/s"]}
+                     for name in drafts]
+    add_break_even(rows, ("draft", "k"), lambda r: r["prompt"] == "A = 1")
     return rows
+
+
+def add_break_even(rows: list[dict], same: tuple[str, ...], full: Callable[[dict], bool]) -> None:
+    """Each row's break-even acceptance for its guess length k: a forward that checks k guesses (and the guessing
+    before it) costs, in plain steps, its tokens per draft over its speedup where every guess is kept (the ``full``
+    row with the same values in ``same``); at acceptance a a draft yields (1 - a^(k+1)) / (1 - a) tokens."""
+    for row in rows:
+        ref = next((r for r in rows if full(r) and all(r[c] == row[c] for c in same)), None)
+        row["cost in plain steps"] = ref["tokens per draft"] / ref["vs plain"] if ref else None
+        row["break-even acceptance"] = break_even(row["k"], row["cost in plain steps"]) if ref else None
 
 
 def print_table(rows: list[dict], cols: list[str]) -> None:
@@ -160,11 +176,11 @@ def main() -> None:
     if "ngram" in tables:
         print("Prompt lookup (--speculative ngram), by alphabet size A (acceptance about 1/A):\n")
         print_table(tables["ngram"], ["alphabet", "k", "acceptance", "tokens per draft", "tok/s", "plain tok/s",
-                                      "vs plain", "break-even acceptance"])
+                                      "vs plain", "cost in plain steps", "break-even acceptance"])
     if "draft" in tables:
-        print("\nDraft models (--draft-model), greedy on random prompts:\n")
-        print_table(tables["draft"], ["draft", "k", "acceptance", "tokens per draft", "tok/s", "plain tok/s",
-                                      "vs plain"])
+        print("\nDraft models (--draft-model), greedy, on random prompts and biased to one token (A = 1):\n")
+        print_table(tables["draft"], ["draft", "prompt", "k", "acceptance", "tokens per draft", "tok/s",
+                                      "plain tok/s", "vs plain", "cost in plain steps", "break-even acceptance"])
     save(args.json, "speculative", tables, batch=args.batch, shape=args.shape)
 
 
