@@ -43,16 +43,16 @@ logger = logging.getLogger(__name__)
 
 # Whether the bf16 kernel multiplies on AMX tiles (CPUs with AMX: Xeon Sapphire Rapids and later; QWEN_BF16_AMX=0
 # keeps it to AVX-512 BF16, to compare). AMX reads each weight once for up to 32 activation rows at about the cost
-# of one; AVX-512 is compute-bound past a few rows.
+# of one; AVX-512 is compute-bound past a few rows, as oneDNN is on a CPU without AMX.
+#
+# The kernel serves every decode step, however many sequences, so a sequence's numbers never depend on how many
+# others decode with it. bench/bf16_kernel.py, 2-core Intel Xeon, 2026-12-07, the 1.8B layer shapes against
+# PyTorch's matmul (oneDNN), each with the same instructions: on AMX 1.2-1.4x at 1 to 32 rows, 0.95-1.17x at 64,
+# 0.75-0.92x at 128; on AVX-512 BF16 against oneDNN without AMX (ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16: what a CPU
+# without AMX, e.g. an AMD EPYC, runs) 1.45-1.55x at 1 row, 1.5-1.7x at 8, 1.05-1.12x at 32, 0.94-1.04x at 64,
+# 0.64-0.89x at 128: a cost only past 64 sequences. (AVX-512 alone against oneDNN *with* AMX is 0.7-1.0x at 8 rows:
+# QWEN_BF16_AMX=0 on an AMX CPU is for comparisons.) Prompts stay with oneDNN (1.2-2.4x ours at 1024 rows).
 BF16_AMX = os.environ.get("QWEN_BF16_AMX", "1") != "0" and torch.cpu._is_amx_tile_supported()
-
-
-# Without AMX the bf16 kernel serves decode steps of up to this many sequences, PyTorch's matmul (oneDNN) larger
-# ones. Measured on an idle 2-core Xeon over the 1.8B layer shapes against oneDNN with AMX: AVX-512 alone is
-# 1.1-2.4x faster at 1 row, 1.1-1.5x at 3, even at 4, 0.7-0.8x at 8 (compute-bound). With AMX the kernel is
-# 1.3-2.1x faster than oneDNN at 1 to 32 rows, 0.9-1.2x at 64, and serves every decode step, so a sequence's
-# numbers never depend on how many others decode with it; prompts stay with oneDNN (1.2-2.4x ours at 1024 rows).
-BF16_AVX512_MAX_ROWS = 3
 
 
 _rows = threading.local()
@@ -219,13 +219,13 @@ def qwen_bf16_kernel():
 
 class Bf16Linear(nn.Linear):
     """An ``nn.Linear`` (same parameters, same state dict) whose decode steps (``one_token_each``: bf16
-    activations on the CPU, no gradient to compute; without AMX, up to ``BF16_AVX512_MAX_ROWS`` sequences) run
-    qwen's bf16 kernel. Everything else (training, prompts, other dtypes or devices) runs PyTorch's matmul."""
+    activations on the CPU, no gradient to compute; any number of sequences) run qwen's bf16 kernel. Everything
+    else (training, prompts, other dtypes or devices) runs PyTorch's matmul."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
         if (x.device.type != "cpu" or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16
-                or not one_token_each(x) or (not BF16_AMX and flat.shape[0] > BF16_AVX512_MAX_ROWS)
+                or not one_token_each(x)
                 or not self.weight.is_contiguous()
                 or (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return F.linear(x, self.weight, self.bias)

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from qwen import cpu_kernels
-from qwen.cpu_kernels import BF16_AVX512_MAX_ROWS, Bf16Linear, qwen_bf16_kernel, use_cpu_kernels_
+from qwen.cpu_kernels import Bf16Linear, qwen_bf16_kernel, use_cpu_kernels_
 from qwen.engine import Engine
 from qwen.sampling import SamplingParams
 
@@ -108,14 +108,14 @@ def test_linear_uses_the_kernel_only_for_decoding():
     calls = []
     op = torch.ops.qwen.bf16_matmul.default
     with torch.no_grad(), _count(op, calls):
-        x = torch.randn(BF16_AVX512_MAX_ROWS, 1, 64).bfloat16()  # a decode step: one token for each sequence
+        x = torch.randn(3, 1, 64).bfloat16()  # a decode step: one token for each sequence
         torch.testing.assert_close(linear(x), reference(x), rtol=2e-2, atol=2e-2)
         linear(torch.randn(1, 2, 64).bfloat16())  # a prompt's tokens: PyTorch's matmul
         assert len(calls) == 1
-        linear(torch.randn(40, 1, 64).bfloat16())  # a decode step of many sequences: the kernel where it has AMX
-        assert len(calls) == 1 + cpu_kernels.BF16_AMX
+        linear(torch.randn(40, 1, 64).bfloat16())  # a decode step of many sequences: the kernel too
+        assert len(calls) == 2
         linear.float()(torch.randn(1, 64))  # fp32: PyTorch's
-    assert len(calls) == 1 + cpu_kernels.BF16_AMX
+    assert len(calls) == 2
     linear.bfloat16()
     x = torch.randn(1, 64).bfloat16().requires_grad_()
     linear(x).sum().backward()  # training takes PyTorch's path, which has a backward
@@ -163,17 +163,21 @@ def wide_bf16(tmp_path_factory):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
 
 
-@pytest.mark.parametrize("amx", PATHS)
+@pytest.mark.parametrize("amx", [*PATHS, pytest.param(None, id="batch-on-pytorch")])
 def test_a_decode_step_gives_a_sequence_the_same_numbers_alone_and_in_a_batch(wide_bf16, monkeypatch, amx):
     """Six sequences decoding together and each alone from the same keys and values: the same logits to the bit at
-    every step, since every decode step takes the kernel (with AMX), which gives a row the same arithmetic whatever
-    its batch. Without AMX a step of more than BF16_AVX512_MAX_ROWS sequences goes to PyTorch's matmul, which
-    rounds apart: then the logits differ (the check that this test can fail). (Left out: a prompt's matmul is
-    oneDNN's, whose rounding can depend on the rows prefilled with it, and attention over a padded batch reduces
-    over more keys than alone.)"""
+    every step, on either path, since every decode step takes the kernel, which gives a row the same arithmetic
+    whatever its batch. The check that this test can fail (``batch-on-pytorch``): a batch sent to PyTorch's matmul,
+    as a choice of path by the batch's size would, rounds apart from the kernel alone. (Left out: a prompt's
+    matmul is oneDNN's, whose rounding can depend on the rows prefilled with it, and attention over a padded batch
+    reduces over more keys than alone.)"""
     from transformers import DynamicCache
 
-    monkeypatch.setattr(cpu_kernels, "BF16_AMX", amx)
+    monkeypatch.setattr(cpu_kernels, "BF16_AMX", bool(amx))
+    if amx is None:  # the batch's forward on PyTorch's matmul; each sequence alone on the kernel
+        batch_forward = Bf16Linear.forward
+        monkeypatch.setattr(Bf16Linear, "forward", lambda self, x: (
+            nn.Linear.forward(self, x) if x.shape[0] > 1 else batch_forward(self, x)))
     ids = torch.randint(0, 150000, (6, 7), generator=torch.Generator().manual_seed(0))
     same = []
     with torch.no_grad():
@@ -191,4 +195,4 @@ def test_a_decode_step_gives_a_sequence_the_same_numbers_alone_and_in_a_batch(wi
                                for row, cache in enumerate(alone_caches)])
             same.append(torch.equal(together, alone))
             tokens = together.argmax(-1)  # both go on with the same tokens
-    assert all(same) if amx else not all(same)
+    assert all(same) if amx is not None else not all(same)
