@@ -49,7 +49,7 @@ from pathlib import Path
 import llamacpp_build  # bench/llamacpp_build.py (the script's folder is on sys.path)
 import torch
 from generate import engine_runner, measure, nbytes  # bench/generate.py
-from machine import cpu_name  # bench/machine.py
+from machine import amx_settings, cpu_name  # bench/machine.py
 from quant import decode_logprobs  # bench/quant.py
 from results import add_json_arg, save
 
@@ -352,19 +352,19 @@ def main() -> None:
 
     build_info = f"build {record.get('build_number', '?')}, commit {record.get('build_commit', '?')}"
     print(f"\n### {args.shape} shape, random weights, {args.threads} threads, best of {args.rounds} rounds\n")
-    print(f"{cpu_name()}; torch {torch.__version__}; llama.cpp from llama-cpp-python {llamacpp_build.VERSION} "
-          f"({build_info}; system_info: {system_info}). Both sides map their weight files (llama.cpp's default "
-          f"mmap; our safetensors loads; --int8/--int4 then hold their own copies). Decode: {NEW_TOKENS} new tokens "
-          f"per sequence after a {PROMPT}-token prompt; prompt: {PREFILL} tokens. GB: bytes of weights (1e9), "
-          f"embedding included. Quality: KL divergence from the same side's bf16 and top-1 agreement, over "
-          f"{args.kl_tokens} tokens in chunks of {args.kl_ctx} (second halves scored), ours through the decode "
-          f"path. Activations: llama.cpp fp32; ours {args.activations}.\n")
+    print(f"{cpu_name()} ({amx_settings()}); torch {torch.__version__}; llama.cpp from llama-cpp-python "
+          f"{llamacpp_build.VERSION} ({build_info}; system_info: {system_info}). Both sides map their weight "
+          f"files (llama.cpp's default mmap; our safetensors loads; --int8/--int4 then hold their own copies). "
+          f"Decode: {NEW_TOKENS} new tokens per sequence after a {PROMPT}-token prompt; prompt: {PREFILL} tokens. "
+          f"GB: bytes of weights (1e9), embedding included. Quality: KL divergence from the same side's bf16 and "
+          f"top-1 agreement, over {args.kl_tokens} tokens in chunks of {args.kl_ctx} (second halves scored), ours "
+          f"through the decode path. Activations: llama.cpp fp32; ours {args.activations}.\n")
     print_table([rows[fmt] for fmt in formats])
     save(args.json, "llamacpp", {"formats": [
         {"format": fmt, "runner": row.runner, "label": row.format, "GB": row.gb, **(row.figures or {}),
          **(row.quality or {})} for fmt in formats for row in rows[fmt]]},
         shape=args.shape, threads=args.threads, activations=args.activations, llama_cpp=build_info,
-        system_info=system_info)
+        system_info=system_info, amx=amx_settings())
 
 
 if __name__ == "__main__":
