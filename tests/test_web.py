@@ -7,6 +7,7 @@ string); it runs ``qwen.apps.web.build_ui`` in this process.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -56,10 +58,11 @@ BUSY_JS = """() => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def web_url(tiny_chat, tmp_path_factory):
-    """``web_demo.py`` serving a copy of the tiny checkpoint whose default reply length is short."""
-    folder = tmp_path_factory.mktemp("web") / "tiny-chat"
+@contextlib.contextmanager
+def web_demo(tiny_chat: Path, folder: Path, *extra: str) -> Iterator[str]:
+    """``web_demo.py`` (with ``extra`` flags) serving a copy of the tiny checkpoint in ``folder`` whose default reply
+    length is short; yields its URL."""
+    folder = folder / "tiny-chat"
     shutil.copytree(tiny_chat, folder)
     generation = json.loads((folder / "generation_config.json").read_text())
     generation["max_new_tokens"] = DEFAULT_MAX_NEW_TOKENS
@@ -68,7 +71,7 @@ def web_url(tiny_chat, tmp_path_factory):
     log = folder.parent / "web_demo.log"
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, WEB, "-c", str(folder), "--server-port", str(port), "--server-name", "127.0.0.1"],
+            [sys.executable, WEB, "-c", str(folder), "--server-port", str(port), "--server-name", "127.0.0.1", *extra],
             cwd=ROOT, env=ENV, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
     url = f"http://127.0.0.1:{port}/"
@@ -82,6 +85,12 @@ def web_url(tiny_chat, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def web_url(tiny_chat, tmp_path_factory):
+    with web_demo(tiny_chat, tmp_path_factory.mktemp("web")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -415,3 +424,20 @@ def test_speculative_flags_reach_the_engine(tmp_path, tiny_chat):
         errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert done.returncode != 0 and "Traceback" not in done.stderr and len(errors) == 1, done.stderr
         assert says in errors[0], errors
+
+
+def test_a_speculative_page_gives_the_plain_pages_greedy_reply(browser, web_url, tiny_chat, tmp_path):
+    """``--draft-model`` through the page, an unrelated small draft whose guesses are mostly wrong: the same greedy
+    reply as without (kept only where the model agrees)."""
+    from qwen.tiny import make_tiny_checkpoint
+
+    draft = make_tiny_checkpoint(tmp_path / "draft", layers=1, hidden=32, heads=2, intermediate=64, seed=7)
+    replies = []
+    with web_demo(tiny_chat, tmp_path, "--draft-model", str(draft)) as fast_url:
+        for url in (web_url, fast_url):
+            page = open_chat(browser, url)
+            set_slider(page, "Temperature (0 = greedy)", 0)
+            set_slider(page, "Max new tokens", 40)
+            replies.append(send(page, "hello"))
+            page.context.close()
+    assert replies[0] and replies[1] == replies[0]
