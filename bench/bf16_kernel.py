@@ -14,12 +14,10 @@ columns say what that costs or gains against oneDNN at each batch size.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from int8_kernel import SHAPES, best_time, parse_args, print_header, rotating  # bench/int8_kernel.py
-from machine import cpu_name
+from machine import amx_settings, cpu_name  # bench/machine.py
 
 from qwen.cpu_kernels import qwen_bf16_kernel
 
@@ -31,7 +29,7 @@ def main() -> None:
     op = qwen_bf16_kernel()
     assert op is not None, "qwen's bf16 kernel is unavailable here (no AVX-512 BF16 or no compiler)"
     kernels = ["qwen amx"] * torch.cpu._is_amx_tile_supported() + ["qwen avx512", "torch bf16"]
-    print(f"{cpu_name()}; oneDNN ISA cap ONEDNN_MAX_CPU_ISA={os.environ.get('ONEDNN_MAX_CPU_ISA', '(none)')}")
+    print(f"{cpu_name()} ({amx_settings()})")
     print_header(kernels, [f"{k} / torch" for k in kernels[:-1]], args.rounds)
     g = torch.Generator().manual_seed(0)
     for n, k in (SHAPES[i] for i in args.shapes):
