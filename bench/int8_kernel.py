@@ -2,12 +2,15 @@
 
     python bench/int8_kernel.py                  # rows 1-32 x the five layer shapes (~4 min on 2 cores)
     python bench/int8_kernel.py --rows 8 --rounds 5
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python bench/int8_kernel.py --rows 512 --shapes 0 1 2 3 --rounds 1
+                                                 # a prompt's product against oneDNN without AMX (~2 min)
 
 For each number of activation rows (bf16, as a bf16 model decodes) and each weight shape [N, K]
 (attention qkv, attention out, MLP w1 and w2 fused, MLP c_proj, lm_head) it times four kernels:
-``torch.ops.qwen.int8_matmul`` on its float path (``QWEN_INT8_VNNI=0``) and on its integer (VNNI)
+``torch.ops.qwen.block_matmul`` on its float path (``QWEN_INT8_VNNI=0``) and on its integer (VNNI)
 path, which serves every row count on CPUs with AVX-512 VNNI (elsewhere both columns are the float
-path); PyTorch's bf16 matmul (``F.linear``
+path; from 24 rows the integer path is its matrix product, which a prompt takes where oneDNN has no AMX);
+PyTorch's bf16 matmul (``F.linear``
 on a bf16 copy of the weight, oneDNN, AMX where the CPU has it); and PyTorch's
 ``torch._weight_int8pack_mm``. Each call takes the next of copies of the weight that add up to 1 GiB
 (int8; 2 GiB of bf16), more than the CPU's caches, so every call reads its weight from memory, as a

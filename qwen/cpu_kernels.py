@@ -54,6 +54,12 @@ logger = logging.getLogger(__name__)
 # QWEN_BF16_AMX=0 on an AMX CPU is for comparisons.) Prompts stay with oneDNN (1.2-2.4x ours at 1024 rows).
 BF16_AMX = os.environ.get("QWEN_BF16_AMX", "1") != "0" and torch.cpu._is_amx_tile_supported()
 
+# Whether PyTorch's matmul (oneDNN) multiplies bf16 on AMX tiles: a CPU with AMX, unless ONEDNN_MAX_CPU_ISA holds
+# oneDNN to an instruction set without it (e.g. AVX512_CORE_BF16, to compare with a CPU that has none).
+ONEDNN_AMX = torch.cpu._is_amx_tile_supported() and (
+    os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in ("ALL", "DEFAULT")
+    or "AMX" in os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper())
+
 
 _rows = threading.local()
 
@@ -76,7 +82,9 @@ def one_token_each(x: torch.Tensor) -> bool:
     however many sequences; or 2-D rows, one per sequence, as an lm_head over last positions gets). A prompt's
     tokens (``[batch, tokens > 1, in]``) take the dequantized weight (bf16: PyTorch's matmul) and one matmul: the
     kernels are matrix-vector loops whose time grows with every row (a 2048x5504 int8 layer: 5.7 ms at 32 rows
-    against 9.0 ms dequantized, 172 against 27 ms at 1024). The two paths round differently, so choosing by the
+    against 9.0 ms dequantized, 172 against 27 ms at 1024), except the block kernel's integer matrix product,
+    which gives each row the decode step's bits (see ``qwen.quantization.layers.integer_prompts`` for where a
+    prompt takes it). The two paths round differently, so choosing by the
     tokens each sequence brings, not by the batch's row count, keeps a request's numbers (and its greedy reply)
     the same whoever is batched with it; the engine never prefills one column alone. Within ``decode_rows``,
     always."""

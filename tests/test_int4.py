@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM
 from qwen.cpu_kernels import qwen_int4_kernel, qwen_int8_kernel
 from qwen.engine import Engine
 from qwen.loading import add_model_args, load_model
-from qwen.quantization.layers import BlockLinear, unpack_blocks
+from qwen.quantization.layers import BlockLinear, integer_prompts, unpack_blocks
 from qwen.quantize import (
     Int4Linear,
     dequantize_blocks,
@@ -357,16 +357,21 @@ def test_whole_model_on_qwen_kernel(kernel, model_128, tokenizer, group_size):
 
 
 @needs_kernel
-@pytest.mark.parametrize("quantize", ["int4", pytest.param("int4 blocks", marks=needs_block_kernel), "int8"])
-def test_a_quantized_reply_does_not_depend_on_its_batch_mates(kernel, model_128, tokenizer, quantize):
+@pytest.mark.parametrize("quantize", ["int4", pytest.param("int4 blocks", marks=needs_block_kernel), "int8",
+                                      "int8 float path"])
+def test_a_quantized_reply_does_not_depend_on_its_batch_mates(kernel, model_128, tokenizer, quantize, monkeypatch):
     """Short prompts alone would fit a decode kernel's row bound, in a batch they do not: the layers choose
-    their path by the tokens each sequence brings (decode steps: the kernel; a prompt: the dequantized weight),
-    so every prompt's greedy reply alone is its reply next to the others. The two paths do round apart on this
-    model, so a choice by the batch's row count would change replies."""
+    their path by the tokens each sequence brings (decode steps: the kernel; a prompt: the dequantized weight, or
+    the block kernel's integer product where ``integer_prompts``), so every prompt's greedy reply alone is its
+    reply next to the others. The kernel and the dequantized weight do round apart on this model (the integer
+    product does not: it gives a decode step's bits), so a choice by the batch's row count would change replies;
+    "int8 float path" (QWEN_INT8_VNNI=0) takes the dequantized weight for prompts on every CPU."""
     from qwen.quantize import quantize_int8_
 
+    if quantize == "int8 float path":
+        monkeypatch.setenv("QWEN_INT8_VNNI", "0")
     model = copy.deepcopy(model_128)
-    if quantize == "int8":
+    if quantize.startswith("int8"):
         quantize_int8_(model, kernel="qwen")
     else:
         quantize_int4_(model, group_size=128 if quantize == "int4" else None)
@@ -382,7 +387,8 @@ def test_a_quantized_reply_does_not_depend_on_its_batch_mates(kernel, model_128,
     layer = model.transformer.h[0].mlp.c_proj
     x = torch.randn(5, layer.in_features)
     with torch.no_grad():  # the kernel's path ([5, 1, in]: one token each) and the prompt path ([1, 5, in])
-        assert not torch.equal(layer(x[:, None])[:, 0], layer(x[None])[0])
+        same = torch.equal(layer(x[:, None])[:, 0], layer(x[None])[0])
+    assert same == (isinstance(layer, BlockLinear) and layer.use_qwen_kernel and integer_prompts(x.dtype))
 
 
 def test_int4_lm_head_choice(model_128):

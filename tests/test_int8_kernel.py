@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from qwen.engine import Engine
-from qwen.quantization.layers import pack_blocks, unpack_blocks
+from qwen.quantization.layers import integer_prompts, pack_blocks, unpack_blocks
 from qwen.quantize import Int8Linear, dequantize_blocks, quantize_blocks, quantize_int8_, qwen_int8_kernel
 from qwen.sampling import SamplingParams
 
@@ -208,14 +208,16 @@ def test_rows_are_computed_independently(kernel, path):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_a_rows_output_does_not_depend_on_how_many_rows_come_with_it(kernel, path, bits):
     """At a real width (5504 channels: 11 groups, swept in parts) a row's output is the same to the bit alone and
-    in passes of any size, so a decode step's output for a sequence does not depend on its batch."""
+    in passes of any size, so a decode step's output for a sequence does not depend on its batch; on the integer
+    path from 24 rows the kernel multiplies as a matrix product (panels of 32 outputs: 40 leaves a short one) and
+    gives each row the same bits as the row alone."""
     g = torch.Generator().manual_seed(12)
-    x, w = torch.randn(20, 5504, generator=g), random_weights(40, 5504, bits, g)
+    x, w = torch.randn(41, 5504, generator=g), random_weights(40, 5504, bits, g)
     scales = torch.rand(40, 172, generator=g)
     full = kernel(x, w, scales)
-    for rows in (1, 3, 8, 9, 17):
+    for rows in (1, 3, 8, 9, 17, 23, 24, 25, 30):
         assert torch.equal(kernel(x[:rows], w, scales), full[:rows])
-    assert all(torch.equal(kernel(x[i : i + 1], w, scales)[0], full[i]) for i in range(20))
+    assert all(torch.equal(kernel(x[i : i + 1], w, scales)[0], full[i]) for i in range(41))
 
 
 def test_a_non_finite_activation_gives_non_finite_outputs(kernel, path):
@@ -272,7 +274,8 @@ def test_kernel_rejects_bad_shapes(kernel):
 @pytest.mark.parametrize("kernel_name", [pytest.param("qwen", marks=needs_avx512), "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_linear_kernel_and_dequantized_paths_agree(kernel_name, dtype):
-    """Decode steps run an int8 kernel, a prompt's tokens a dequantized matmul: both compute x @ (q * s).T + b."""
+    """Decode steps run an int8 kernel, a prompt's tokens a dequantized matmul or (qwen's kernel where
+    ``integer_prompts``) the kernel's integer product: all compute x @ (q * s).T + b."""
     g = torch.Generator().manual_seed(0)
     linear = torch.nn.Linear(96, 40).to(dtype)
     with torch.no_grad():
@@ -288,10 +291,13 @@ def test_int8_linear_kernel_and_dequantized_paths_agree(kernel_name, dtype):
     expected = x.float() @ reference_weight.T + linear.bias.float()
     tolerance = (1e-4 if dtype == torch.float32 else 0.1) * expected.abs().max()
     assert few.shape == many.shape == expected.shape
-    assert (many - expected).abs().max() < tolerance
-    if kernel_name == "qwen" and VNNI:  # 3 rows a call: the integer path, with 8-bit activations
+    integer = kernel_name == "qwen" and VNNI  # 3 rows a call: the integer path, with 8-bit activations
+    if integer:
         tolerance = tolerance + activation_error_bound(x.reshape(-1, 96), reference_weight).view(few.shape)
     assert ((few - expected).abs() < tolerance).all()
+    assert ((many - expected).abs() < tolerance).all()
+    if integer and integer_prompts(dtype):  # the prompt on the integer product: the decode steps' bits
+        assert torch.equal(many, few)
 
 
 @needs_avx512

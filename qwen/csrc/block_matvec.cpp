@@ -26,7 +26,9 @@
 // * float: the weights are widened to fp32, times their blocks' scales, and multiplied with the activations
 //   in fp32: exact up to fp32 rounding. It serves CPUs without VNNI, and every CPU with QWEN_INT8_VNNI=0 in
 //   the environment (read on each call), e.g. to compare the paths.
-// A prompt's matmul takes neither: block_dequantize gives PyTorch's matmul the float weight.
+// From 24 rows the integer path multiplies as a matrix product (see "integer matrix product" below), to the same
+// bits. A prompt takes that product on CPUs whose PyTorch matmul has no AMX (qwen/quantization/layers.py,
+// integer_prompts); elsewhere block_dequantize gives PyTorch's matmul the float weight.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -39,6 +41,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <type_traits>
+#include <vector>
 
 // The integer path's functions; the file itself is built for AVX-512F only, which every CPU that runs
 // this kernel has, and the integer path runs only where the CPU reports VNNI (and BW, VL with it).
@@ -50,6 +53,7 @@ constexpr int kMaxRows = 8;        // activation rows per pass over a weight row
 constexpr int64_t kBlock = 32;     // input channels per weight scale and per activation scale
 constexpr int64_t kGroup = 16;     // blocks per group: one 32-bit lane each
 constexpr int64_t kGroupChannels = kBlock * kGroup;
+constexpr int64_t kPartGroups = 6;  // the integer path sums a row's groups in parts of this many (out_columns_vnni)
 
 // One weight row: its packed bytes, its bf16 scales, its length in blocks and its bits per weight (8 or 4).
 struct Row {
@@ -100,6 +104,17 @@ inline void prefetch_ahead(const Row& row, int64_t g) {
   for (int64_t k = 0; k < kGroupChannels * row.bits / 8; k += 64) {
     _mm_prefetch(reinterpret_cast<const char*>(next + k), _MM_HINT_T0);
   }
+}
+
+// The sum of v's 16 lanes in a fixed order: halves (lane i + lane i + 8), then quarters, then pairs. The integer
+// matrix product adds its 16 per-lane partial sums in the same order (sum_vectors), so that a row's output is the
+// same to the bit on either (no compiler's reduction order is relied on).
+inline float sum_lanes(__m512 v) {
+  const __m256 half = _mm256_add_ps(_mm512_castps512_ps256(v),
+                                    _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  const __m128 quarter = _mm_add_ps(_mm256_castps256_ps128(half), _mm256_extractf128_ps(half, 1));
+  const __m128 pairs = _mm_add_ps(quarter, _mm_movehl_ps(quarter, quarter));  // lanes 0 + 2, 1 + 3
+  return _mm_cvtss_f32(pairs) + _mm_cvtss_f32(_mm_shuffle_ps(pairs, pairs, 1));
 }
 
 // ----- float path and dequantizing (AVX-512F) -----------------------------------------------------------
@@ -160,7 +175,7 @@ inline void dot_rows(const float* x, int64_t ldx, const Row& row, float* out, in
     const float* xj = x + g * kGroupChannels + 64 * j + 16 * i;
     for (int m = 0; m < ROWS; ++m) acc[m] = _mm512_fmadd_ps(_mm512_loadu_ps(xj + m * ldx), wf, acc[m]);
   });
-  for (int m = 0; m < ROWS; ++m) out[m * ldo] = _mm512_reduce_add_ps(acc[m]);
+  for (int m = 0; m < ROWS; ++m) out[m * ldo] = sum_lanes(acc[m]);
 }
 
 template <int ROWS = kMaxRows>
@@ -286,7 +301,7 @@ QWEN_VNNI inline void dot_rows_vnni(const Quantized& x, int64_t m0, const Row& r
       acc[m] = _mm512_fmadd_ps(sum, _mm512_mul_ps(ws, _mm512_loadu_ps(x.a + (at + m) * 16)), acc[m]);
     }
   }
-  for (int m = 0; m < ROWS; ++m) out[m * ldo] = (g0 == 0 ? 0.f : out[m * ldo]) + _mm512_reduce_add_ps(acc[m]);
+  for (int m = 0; m < ROWS; ++m) out[m * ldo] = (g0 == 0 ? 0.f : out[m * ldo]) + sum_lanes(acc[m]);
 }
 
 template <int BITS, int ROWS = kMaxRows>
@@ -306,12 +321,151 @@ QWEN_VNNI inline void dot_all_rows_vnni(const Quantized& x, int64_t m0, const Ro
 // in the batch, and its output is the same to the bit.
 template <int BITS>
 QWEN_VNNI void out_columns_vnni(const Quantized& x, const Row& first, int64_t N, int64_t n0, int64_t n1, float* out) {
-  constexpr int64_t kPartGroups = 6;
   const int64_t groups = (first.blocks + kGroup - 1) / kGroup;
   for (int64_t g0 = 0; g0 < groups; g0 += kPartGroups) {
     for (int64_t n = n0; n < n1; ++n) {
       dot_all_rows_vnni<BITS>(x, 0, first.at(n), g0, std::min(groups, g0 + kPartGroups), out + n, N);
     }
+  }
+}
+
+// ----- integer matrix product (AVX-512 VNNI): many rows ------------------------------------------------
+//
+// The path above reads each weight row once per 8 activation rows and adds a block's products in the block's
+// own lane: fine while weights stream from memory, but a prompt's hundreds of rows make it compute-bound. Here
+// lanes are output channels instead, as in a GEMM: a thread copies 32 weight rows (a "panel") into vpdpbusd's
+// order once, lane i holding output n0 + i's 4 channels of a block, and multiplies the panel with every activation
+// row, 4 rows at a time; each vpdpbusd broadcasts 4 bytes of an activation row. The arithmetic is the path above's,
+// in its order: the same integer sum per block, times the same product of scales, added per lane l (blocks l,
+// l + 16, ...) over a part's groups, then the 16 lanes summed as sum_lanes does and the parts added in turn. So
+// a row's output is the same to the bit on both paths, whatever the number of rows.
+
+constexpr int kPanelVectors = 2;                    // 16 outputs each
+constexpr int64_t kPanel = 16 * kPanelVectors;      // outputs per panel
+constexpr int kTileRows = 4;                        // activation rows per pass over a panel
+// block_matmul takes the product from this many rows: below, copying the panels costs more than it saves (2-core
+// Intel Xeon, an 11008 x 2048 int8 layer: 2.8 against 2.2 ms at 16 rows, 3.4 against 3.5 at 24, 4.1 against 4.7
+// at 32; 33 against 145 ms at 512 rows, where oneDNN's bf16 matmul without AMX takes 136).
+constexpr int64_t kProductRows = 24;
+
+// Output rows [n0, n0 + 32) of a weight as vpdpbusd's unsigned operand (int8 + 128, 4-bit as stored), lanes =
+// outputs: vector (l, g, j, v) holds channels 4j ... 4j + 3 of block 16 g + l for outputs n0 + 16 v + i, and
+// scale (l, g, v) their blocks' scales in fp32. Outputs past N are zero.
+struct Panel {
+  int64_t groups = 0;
+  std::vector<__m512i> w;  // [16 l][groups g][8 j][kPanelVectors v]
+  std::vector<__m512> s;   // [16 l][groups g][kPanelVectors v]
+  const __m512i* vectors(int64_t l, int64_t g) const { return w.data() + (l * groups + g) * 8 * kPanelVectors; }
+  const __m512* scales(int64_t l, int64_t g) const { return s.data() + (l * groups + g) * kPanelVectors; }
+};
+
+template <int BITS>
+QWEN_VNNI void fill_panel(const Row& first, int64_t N, int64_t n0, Panel& p) {
+  const int64_t groups = (first.blocks + kGroup - 1) / kGroup;
+  p.groups = groups;
+  p.w.assign(16 * groups * 8 * kPanelVectors, _mm512_setzero_si512());
+  p.s.assign(16 * groups * kPanelVectors, _mm512_setzero_ps());
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(static_cast<int32_t>(first.bytes)));
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  for (int v = 0; v < kPanelVectors; ++v) {
+    const int64_t n = n0 + 16 * v, valid = std::min<int64_t>(16, N - n);
+    if (valid <= 0) break;
+    const __mmask16 mask = lanes(valid);
+    const Row row = first.at(n);
+    for (int64_t g = 0; g < groups; ++g) {
+      for (int64_t l = 0; l < row.group_blocks(g); ++l) {
+        __m512i* out = p.w.data() + (l * groups + g) * 8 * kPanelVectors + v;
+        for (int k = 0; k < row.stored_vectors(); ++k) {
+          const __m512i d = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets, row.stored(g, k) + 4 * l, 1);
+          if constexpr (BITS == 8) {
+            out[k * kPanelVectors] = _mm512_xor_si512(d, _mm512_set1_epi8(-128));
+          } else {
+            out[k * kPanelVectors] = _mm512_and_si512(d, low);
+            out[(k + 4) * kPanelVectors] = _mm512_and_si512(_mm512_srli_epi16(d, 4), low);
+          }
+        }
+        alignas(64) uint32_t wide[16] = {};
+        for (int64_t i = 0; i < valid; ++i) wide[i] = static_cast<uint32_t>(row.at(i).s[16 * g + l]) << 16;
+        p.s[(l * groups + g) * kPanelVectors + v] = _mm512_castsi512_ps(_mm512_load_si512(wide));
+      }
+    }
+  }
+}
+
+// The sum of 16 vectors v[l] lane by lane, in sum_lanes's order over l.
+inline __m512 sum_vectors(const __m512* v) {
+  __m512 half[8], quarter[4];
+  for (int i = 0; i < 8; ++i) half[i] = _mm512_add_ps(v[i], v[i + 8]);
+  for (int i = 0; i < 4; ++i) quarter[i] = _mm512_add_ps(half[i], half[i + 4]);
+  return _mm512_add_ps(_mm512_add_ps(quarter[0], quarter[2]), _mm512_add_ps(quarter[1], quarter[3]));
+}
+
+// out[m, n0 : n0 + 32] for activation rows m0 ... m0 + ROWS - 1 (ldo floats per output row; outputs past N
+// are not written).
+template <int ROWS>
+QWEN_VNNI void panel_rows(const Quantized& x, int64_t m0, const Panel& p, int64_t blocks, int64_t valid,
+                          float* out, int64_t ldo) {
+  __m512 total[ROWS][kPanelVectors];
+  alignas(64) __m512 lane_sums[ROWS][kPanelVectors][16];
+  for (int64_t g0 = 0; g0 < p.groups; g0 += kPartGroups) {
+    const int64_t g1 = std::min(p.groups, g0 + kPartGroups);
+    for (int64_t l = 0; l < 16; ++l) {
+      __m512 acc[ROWS][kPanelVectors];
+      for (int m = 0; m < ROWS; ++m)
+        for (int v = 0; v < kPanelVectors; ++v) acc[m][v] = _mm512_setzero_ps();
+      for (int64_t g = g0; g < g1 && 16 * g + l < blocks; ++g) {
+        const int64_t at = g * x.M + m0;
+        const __m512i* w = p.vectors(l, g);
+        __m512i d[ROWS][kPanelVectors];
+        for (int m = 0; m < ROWS; ++m)
+          for (int v = 0; v < kPanelVectors; ++v) d[m][v] = _mm512_set1_epi32(x.start[(at + m) * 16 + l]);
+        for (int j = 0; j < 8; ++j) {
+          for (int m = 0; m < ROWS; ++m) {
+            int32_t word;
+            std::memcpy(&word, x.q + (at + m) * kGroupChannels + 64 * j + 4 * l, 4);
+            const __m512i q = _mm512_set1_epi32(word);
+            for (int v = 0; v < kPanelVectors; ++v) d[m][v] = _mm512_dpbusd_epi32(d[m][v], w[j * kPanelVectors + v], q);
+          }
+        }
+        const __m512* ws = p.scales(l, g);
+        for (int m = 0; m < ROWS; ++m) {
+          const __m512 a = _mm512_set1_ps(x.a[(at + m) * 16 + l]);
+          for (int v = 0; v < kPanelVectors; ++v)
+            acc[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[m][v]), _mm512_mul_ps(ws[v], a), acc[m][v]);
+        }
+      }
+      for (int m = 0; m < ROWS; ++m)
+        for (int v = 0; v < kPanelVectors; ++v) lane_sums[m][v][l] = acc[m][v];
+    }
+    for (int m = 0; m < ROWS; ++m) {
+      for (int v = 0; v < kPanelVectors; ++v) {
+        const __m512 part = sum_vectors(lane_sums[m][v]);
+        total[m][v] = g0 == 0 ? _mm512_add_ps(_mm512_setzero_ps(), part) : _mm512_add_ps(total[m][v], part);
+      }
+    }
+  }
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < kPanelVectors; ++v)
+      _mm512_mask_storeu_ps(out + (m0 + m) * ldo + 16 * v, lanes(valid - 16 * v), total[m][v]);
+}
+
+template <int ROWS = kTileRows>
+QWEN_VNNI void panel_all_rows(const Quantized& x, int64_t m0, const Panel& p, int64_t blocks, int64_t valid,
+                              float* out, int64_t ldo) {
+  if constexpr (ROWS > 0) {
+    for (; x.M - m0 >= ROWS; m0 += ROWS) panel_rows<ROWS>(x, m0, p, blocks, valid, out, ldo);
+    panel_all_rows<ROWS - 1>(x, m0, p, blocks, valid, out, ldo);
+  }
+}
+
+// Panels [p0, p1) of the product into out [M, N].
+template <int BITS>
+QWEN_VNNI void product_panels(const Quantized& x, const Row& first, int64_t N, int64_t p0, int64_t p1, float* out) {
+  Panel panel;
+  for (int64_t i = p0; i < p1; ++i) {
+    fill_panel<BITS>(first, N, i * kPanel, panel);
+    panel_all_rows(x, 0, panel, first.blocks, std::min(kPanel, N - i * kPanel), out + i * kPanel, N);
   }
 }
 
@@ -355,18 +509,30 @@ at::Tensor block_matmul(const at::Tensor& x, const at::Tensor& w, const at::Tens
     at::Tensor a = at::zeros({groups, M, kGroup}, xf.options());
     at::Tensor start = at::zeros({groups, M, kGroup}, xf.options().dtype(at::kInt));
     const int zero = first.bits == 8 ? 128 : 8;
-    for (int64_t m = 0; m < M; ++m) {
-      quantize_row(xp + m * K, K, zero, q.data_ptr<int8_t>() + m * kGroupChannels, M * kGroupChannels,
-                   a.data_ptr<float>() + m * kGroup, start.data_ptr<int32_t>() + m * kGroup, M * kGroup);
-    }
-    const Quantized xq{q.data_ptr<int8_t>(), a.data_ptr<float>(), start.data_ptr<int32_t>(), M};
-    at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-      if (first.bits == 8) {
-        out_columns_vnni<8>(xq, first, N, n0, n1, op);
-      } else {
-        out_columns_vnni<4>(xq, first, N, n0, n1, op);
+    at::parallel_for(0, M, 16, [&](int64_t m0, int64_t m1) {
+      for (int64_t m = m0; m < m1; ++m) {
+        quantize_row(xp + m * K, K, zero, q.data_ptr<int8_t>() + m * kGroupChannels, M * kGroupChannels,
+                     a.data_ptr<float>() + m * kGroup, start.data_ptr<int32_t>() + m * kGroup, M * kGroup);
       }
     });
+    const Quantized xq{q.data_ptr<int8_t>(), a.data_ptr<float>(), start.data_ptr<int32_t>(), M};
+    if (M >= kProductRows) {
+      at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
+        if (first.bits == 8) {
+          product_panels<8>(xq, first, N, p0, p1, op);
+        } else {
+          product_panels<4>(xq, first, N, p0, p1, op);
+        }
+      });
+    } else {
+      at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
+        if (first.bits == 8) {
+          out_columns_vnni<8>(xq, first, N, n0, n1, op);
+        } else {
+          out_columns_vnni<4>(xq, first, N, n0, n1, op);
+        }
+      });
+    }
   } else {
     // The activations in the packed order: channel 32 l + 4 j + t of group g at g * 512 + 64 j + 4 l + t.
     at::Tensor packed = at::zeros({M, groups * kGroupChannels}, xf.options());
