@@ -60,10 +60,9 @@ def integer_prompts(dtype: torch.dtype) -> bool:
     """Whether a prompt's tokens (activations of ``dtype``) take the block kernel's integer matrix product (AVX-512
     VNNI: activations quantized to int8 per block of 32, as a decode step's, so each token's output is the same to
     the bit as decoding it) rather than the dequantized weight in PyTorch's matmul. The product wins wherever that
-    matmul has no AMX: 2-core Intel Xeon, 2026-12-07, Qwen-1.8B's four layer shapes at 512 rows, 83 ms for the
-    product against 306 ms for oneDNN's bf16 matmul held to AVX-512 BF16 (340 ms dequantized, int8); with AMX
-    bf16 the dequantized path took 72 ms against 83-93 ms. ``QWEN_INT8_VNNI=0`` (the kernel's float path) keeps
-    prompts dequantized."""
+    matmul has no AMX (bench/int8_kernel.py, 2-core Intel Xeon, 2026-12-07, Qwen-1.8B's layer shapes at 512 rows:
+    2.5-3.7x oneDNN's bf16 matmul held to AVX-512 BF16; about 2x its fp32 one, AMX or not); oneDNN's bf16 matmul on
+    AMX is 1.8-3.6x the product. ``QWEN_INT8_VNNI=0`` (the kernel's float path) keeps prompts dequantized."""
     amx = dtype == torch.bfloat16 and ONEDNN_AMX
     return VNNI and not amx and os.environ.get("QWEN_INT8_VNNI") != "0"
 
