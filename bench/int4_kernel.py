@@ -2,11 +2,14 @@
 
     python bench/int4_kernel.py                  # rows 1-64 x the five layer shapes (~3 min on 2 cores)
     python bench/int4_kernel.py --rows 1 8 --rounds 5
+    ONEDNN_MAX_CPU_ISA=AVX512_CORE_BF16 python bench/int4_kernel.py --rows 512 --shapes 0 1 2 3 --rounds 1
+                                                 # a prompt's paths, oneDNN without AMX
 
 For each number of activation rows (bf16, as a bf16 model decodes) and each weight shape [N, K] it
 times, with groups of 128: ``torch.ops.qwen.int4_matmul`` (int8 activations, integer dot products;
-what ``Int4Linear`` runs in a decode step); ``int4_dequantize`` to bf16 plus
-PyTorch's matmul (what it runs for a prompt); PyTorch's ``_weight_int4pack_mm_for_cpu``
+what ``Int4Linear`` runs in a decode step); on CPUs with AVX-512 VNNI ``int4_product``, its matrix product
+(what a prompt runs where PyTorch's bf16 matmul has no AMX); ``int4_dequantize`` to bf16 plus
+PyTorch's matmul (what a prompt runs elsewhere); PyTorch's ``_weight_int4pack_mm_for_cpu``
 (what ran before); and PyTorch's bf16 matmul (``F.linear``, oneDNN, AMX where the CPU has it). As in
 ``bench/int8_kernel.py`` (whose timing helpers this reuses), each call takes the next of copies of
 the weight that add up to 1 GiB, so every call reads its weight from memory as a decode step does,
@@ -21,9 +24,10 @@ import torch.nn.functional as F
 from int8_kernel import POOL_BYTES, SHAPES, best_time, parse_args, print_header, rotating  # bench/ on sys.path
 
 from qwen.cpu_kernels import qwen_int4_kernel
+from qwen.quantization.layers import VNNI
 
 GROUP = 128
-KERNELS = ["qwen int4", "qwen dequant + matmul", "torch int4", "torch bf16"]
+KERNELS = ["qwen int4", *["qwen product"] * VNNI, "qwen dequant + matmul", "torch int4", "torch bf16"]
 
 
 def main() -> None:
@@ -47,6 +51,8 @@ def main() -> None:
             x = torch.randn(rows, k, generator=g).bfloat16()
             kernels = {
                 "qwen int4": rotating(lambda w, x=x, sz=scale_zero: op(x, w, sz, GROUP), ours),
+                "qwen product": rotating(
+                    lambda w, x=x, sz=scale_zero: torch.ops.qwen.int4_product(x, w, sz, GROUP), ours),
                 "qwen dequant + matmul": rotating(
                     lambda w, x=x, sz=scale_zero: F.linear(
                         x, torch.ops.qwen.int4_dequantize(w, sz, GROUP, torch.bfloat16)), ours),
@@ -54,6 +60,7 @@ def main() -> None:
                     lambda w, x=x, so=scale_offset: torch._weight_int4pack_mm_for_cpu(x, w, GROUP, so), theirs),
                 "torch bf16": rotating(lambda w, x=x: F.linear(x, w), wb),
             }
+            kernels = {name: kernels[name] for name in KERNELS}
             best = dict.fromkeys(kernels, float("inf"))
             with torch.inference_mode():
                 for _ in range(args.rounds):

@@ -7,7 +7,8 @@ kernel streams the weights. Three kernels do that better than PyTorch's on AVX-5
   scale each, int8 (``--int8``, Q8_0's precision) or 4-bit (``--int4``, Q4_0's), AVX-512 (``qwen.quantize``);
 * ``torch.ops.qwen.int4_matmul`` (``int4_matvec.cpp``): int4 layers in asymmetric groups of 128 or 256 (GPTQ's
   layout: GPTQ int4 folders, and ``--int4`` where the block kernel cannot run), with activations quantized to
-  int8 for integer dot products (AVX-512 VNNI, or AVX2);
+  int8 for integer dot products (AVX-512 VNNI, or AVX2); ``int4_product``, its matrix product for a prompt's
+  rows (AVX-512 VNNI; the block kernel has one inside ``block_matmul``);
 * ``torch.ops.qwen.bf16_matmul`` (``bf16_matvec.cpp``): bf16 layers, on CPUs with AVX-512 BF16 dot
   products (``avx512_bf16``), on AMX tiles where the CPU has them. ``Bf16Linear`` is an ``nn.Linear`` that runs
   it for decode steps (bf16 activations, one token per sequence, no gradients) and PyTorch's matmul otherwise;
@@ -206,6 +207,8 @@ def qwen_int4_kernel():
         return None
     torch.library.register_fake("qwen::int4_matmul")(
         lambda x, packed, scale_zero, group_size, avx2=False: x.new_empty(x.shape[0], packed.shape[0]))
+    torch.library.register_fake("qwen::int4_product")(
+        lambda x, packed, scale_zero, group_size: x.new_empty(x.shape[0], packed.shape[0]))
     torch.library.register_fake("qwen::int4_dequantize")(
         lambda packed, scale_zero, group_size, dtype: packed.new_empty(packed.shape[0], 2 * packed.shape[1],
                                                                        dtype=dtype))

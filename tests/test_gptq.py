@@ -307,9 +307,11 @@ def test_int8_backend(quantized, reference):
                                if isinstance(m, torch.nn.Linear))
 
 
-def test_int4_backend_keeps_the_4_bit_values(quantized, reference, tmp_path):
+def test_int4_backend_keeps_the_4_bit_values(quantized, reference, tmp_path, monkeypatch):
     """gptq_backend="int4" runs the folder's own 4-bit values through PyTorch's int4 kernel (the CPU one
-    here, tinygemm on CUDA): the same weights as dequantizing, in half a byte each."""
+    here, tinygemm on CUDA): the same weights as dequantizing, in half a byte each. (Prompts dequantize here:
+    QWEN_INT8_VNNI=0 keeps them off the int8-activation product, which the next test covers.)"""
+    monkeypatch.setenv("QWEN_INT8_VNNI", "0")
     _, ids, _ = reference
     dequant = AutoModelForCausalLM.from_pretrained(quantized[4], gptq_backend="dequant", dtype=torch.float32)
     model = AutoModelForCausalLM.from_pretrained(quantized[4], gptq_backend="int4", dtype=torch.float32)
@@ -347,6 +349,8 @@ def test_int4_backend_runs_qwens_cpu_kernel_for_groups_of_128(tmp_path):
     with torch.no_grad():
         want = dequant(ids).logits[0]
     assert (decoded_logits(model, ids) - want).abs().max() < 0.02 * want.abs().max()
+    with torch.no_grad():  # a prompt: the int4 product (int8 activations) where integer_prompts, else dequantized
+        assert (model(ids).logits[0] - want).abs().max() < 0.02 * want.abs().max()
     parser = argparse.ArgumentParser()
     add_model_args(parser)
     loaded, _ = load_model(tmp_path / "g128", parser.parse_args(["--int4", "--cpu-only"]))

@@ -1,5 +1,5 @@
-// Group-wise 4-bit weights on the CPU: a matrix product for a few rows of activations (decoding) and
-// the dequantized weight (for a prefill's matmul).
+// Group-wise 4-bit weights on the CPU: a matrix product for a few rows of activations (decoding), one for many
+// rows (a prompt's, on AVX-512 VNNI: int4_product) and the dequantized weight (for a prefill's matmul elsewhere).
 //
 //   w[n, k] = s[n, g] * (q[n, k] - z[n, g]),  g = k / group_size,  q and z in 0..15
 //   out[m, n] = sum_k x[m, k] * w[n, k]
@@ -297,6 +297,134 @@ at::Tensor int4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::
   return out.to(x.scalar_type());
 }
 
+// ----- matrix product for many rows (AVX-512 VNNI) -------------------------------------------------------
+//
+// The kernels above read each weight row once per 8 activation rows: right for decoding, compute-bound for a
+// prompt's hundreds of rows. int4_product multiplies as a GEMM instead: lanes are output channels, a thread copies
+// 32 weight rows at a time (a panel) into vpdpbusd's order (lane i: 4 channels of output n0 + i, as unsigned
+// bytes 0..15), then runs 4 activation rows at a time past it, each vpdpbusd broadcasting 4 bytes of an
+// activation row. A block's integer sum is the kernels' (exact); its float terms are added per block in order,
+// not in the decode kernels' lanes, so a row's output rounds apart from int4_matmul's: a layer chooses by the
+// tokens each sequence brings (qwen/quantization/layers.py), never by the row count.
+
+constexpr int kProductVectors = 2;                      // 16 outputs each
+constexpr int64_t kProductPanel = 16 * kProductVectors;  // outputs per panel
+constexpr int kProductRows = 4;                         // activation rows per pass over a panel
+
+// Output rows [n0, n0 + 32): quad (b, t) (channels b * 128 + 4t ... + 3) of outputs n0 + 16 v + i in lane i of
+// w[(b * 32 + t) * 2 + v]; s[(b * 2 + v)] and sz[...] the per-output (s, s * z) of block b's group. Zero past N.
+// (Plain bytes and floats, not vectors of __m512i: this file is built without AVX-512 flags, so std::vector's
+// code for vector types would not have the instructions.)
+struct Panel4 {
+  std::vector<uint8_t> w;    // 64 bytes per vector
+  std::vector<float> s, sz;  // 16 per vector
+};
+
+QWEN_AVX512 void fill_panel4(const Weights& wt, int64_t K, int64_t N, int64_t n0, Panel4& p) {
+  const int64_t blocks = K / kBlock, row_bytes = K / 2;
+  p.w.assign(blocks * 32 * kProductVectors * 64, 0);
+  p.s.assign(blocks * kProductVectors * 16, 0.f);
+  p.sz.assign(blocks * kProductVectors * 16, 0.f);
+  const __m512i offsets = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(static_cast<int32_t>(row_bytes)));
+  const __m512i nibble = _mm512_set1_epi8(0x0F);
+  for (int v = 0; v < kProductVectors; ++v) {
+    const int64_t n = n0 + 16 * v, valid = std::min<int64_t>(16, N - n);
+    if (valid <= 0) break;
+    const __mmask16 mask = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+    const uint8_t* rows = wt.packed + n * row_bytes;
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int t = 0; t < 16; ++t) {  // bytes 4t ... 4t + 3 of the block: quad t (low nibbles), t + 16 (high)
+        const __m512i d = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), mask, offsets,
+                                                      rows + b * kBlockBytes + 4 * t, 1);
+        _mm512_storeu_si512(p.w.data() + ((b * 32 + t) * kProductVectors + v) * 64, _mm512_and_si512(d, nibble));
+        _mm512_storeu_si512(p.w.data() + ((b * 32 + t + 16) * kProductVectors + v) * 64,
+                            _mm512_and_si512(_mm512_srli_epi16(d, 4), nibble));
+      }
+      for (int64_t i = 0; i < valid; ++i) {
+        const float* pair = wt.sz + ((n + i) * wt.groups + (b >> wt.shift)) * 2;
+        p.s[(b * kProductVectors + v) * 16 + i] = pair[0];
+        p.sz[(b * kProductVectors + v) * 16 + i] = pair[1];
+      }
+    }
+  }
+}
+
+// out[m0 + m, n0 : n0 + valid] for m < ROWS.
+template <int ROWS>
+QWEN_AVX512 void panel4_rows(const Acts& x, int64_t m0, const Panel4& p, int64_t valid, float* out, int64_t ldo) {
+  __m512 acc[ROWS][kProductVectors];
+  for (int m = 0; m < ROWS; ++m)
+    for (int v = 0; v < kProductVectors; ++v) acc[m][v] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < x.B; ++b) {
+    __m512i d[ROWS][kProductVectors];
+    for (int m = 0; m < ROWS; ++m)
+      for (int v = 0; v < kProductVectors; ++v) d[m][v] = _mm512_setzero_si512();
+    const uint8_t* w = p.w.data() + b * 32 * kProductVectors * 64;
+    for (int t = 0; t < 32; ++t) {
+      for (int m = 0; m < ROWS; ++m) {
+        int32_t word;
+        std::memcpy(&word, x.q.data() + (m0 + m) * x.K + b * kBlock + 4 * t, 4);
+        const __m512i q = _mm512_set1_epi32(word);
+        for (int v = 0; v < kProductVectors; ++v)
+          d[m][v] = _mm512_dpbusd_epi32(d[m][v], _mm512_loadu_si512(w + (t * kProductVectors + v) * 64), q);
+      }
+    }
+    for (int m = 0; m < ROWS; ++m) {
+      const __m512 xs = _mm512_set1_ps(x.scale[(m0 + m) * x.B + b]), xsum = _mm512_set1_ps(x.qsum[(m0 + m) * x.B + b]);
+      for (int v = 0; v < kProductVectors; ++v) {
+        const __m512 s = _mm512_loadu_ps(p.s.data() + (b * kProductVectors + v) * 16);
+        const __m512 sz = _mm512_loadu_ps(p.sz.data() + (b * kProductVectors + v) * 16);
+        acc[m][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d[m][v]), _mm512_mul_ps(s, xs), acc[m][v]);
+        acc[m][v] = _mm512_fnmadd_ps(sz, xsum, acc[m][v]);
+      }
+    }
+  }
+  for (int m = 0; m < ROWS; ++m) {
+    for (int v = 0; v < kProductVectors; ++v) {
+      const int64_t left = valid - 16 * v;
+      const __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
+      _mm512_mask_storeu_ps(out + (m0 + m) * ldo + 16 * v, mask, acc[m][v]);
+    }
+  }
+}
+
+template <int ROWS = kProductRows>
+QWEN_AVX512 void panel4_all_rows(const Acts& x, int64_t m0, int64_t M, const Panel4& p, int64_t valid, float* out,
+                                 int64_t ldo) {
+  if constexpr (ROWS > 0) {
+    for (; M - m0 >= ROWS; m0 += ROWS) panel4_rows<ROWS>(x, m0, p, valid, out, ldo);
+    panel4_all_rows<ROWS - 1>(x, m0, M, p, valid, out, ldo);
+  }
+}
+
+QWEN_AVX512 void product_panels4(const Acts& x, int64_t M, const Weights& w, int64_t K, int64_t N, int64_t p0,
+                                 int64_t p1, float* out) {
+  Panel4 panel;
+  for (int64_t i = p0; i < p1; ++i) {
+    fill_panel4(w, K, N, i * kProductPanel, panel);
+    panel4_all_rows(x, 0, M, panel, std::min(kProductPanel, N - i * kProductPanel), out + i * kProductPanel, N);
+  }
+}
+
+at::Tensor int4_product(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& scale_zero,
+                        int64_t group_size) {
+  TORCH_CHECK(x.dim() == 2, "int4_product: x must be [M, K]");
+  const int64_t M = x.size(0), K = x.size(1), N = packed.size(0);
+  check(packed, scale_zero, K, group_size, "int4_product");
+  TORCH_CHECK(has_avx512_vnni(), "int4_product: needs a CPU with AVX-512 VNNI (use int4_dequantize and a matmul)");
+  const at::Tensor xf = x.to(at::kFloat).contiguous();
+  const Acts acts = quantize_rows(xf.data_ptr<float>(), M, K);
+  at::Tensor out = at::empty({M, N}, xf.options());
+  const Weights w{packed.data_ptr<uint8_t>(), scale_zero.data_ptr<float>(), K / group_size,
+                  __builtin_ctzll(group_size / kBlock)};
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, (N + kProductPanel - 1) / kProductPanel, 1, [&](int64_t p0, int64_t p1) {
+    product_panels4(acts, M, w, K, N, p0, p1, op);
+  });
+  return out.to(x.scalar_type());
+}
+
 // One weight row dequantized into fp32 (out32) or bf16 (out16, rounded to nearest even). AVX2, which
 // both kernels' CPUs have: a prefill runs it once per layer, so it has to keep up with memory.
 QWEN_AVX2 void dequantize_row(const uint8_t* w, const float* sz, int64_t K, int shift, float* out32,
@@ -367,14 +495,17 @@ at::Tensor int4_dequantize(const at::Tensor& packed, const at::Tensor& scale_zer
 // torch.ops.qwen.int4_matmul(x, packed, scale_zero, group_size, avx2=False): x @ w.T for the 4-bit w
 // above, with x quantized to int8 per 128 channels; avx2=True runs the AVX2 kernel on an AVX-512 CPU
 // (for tests). torch.ops.qwen.int4_dequantize(packed, scale_zero, group_size, dtype): w itself;
-// int4_dequantize_into(packed, scale_zero, group_size, out): w written into out.
+// int4_dequantize_into(packed, scale_zero, group_size, out): w written into out. torch.ops.qwen.int4_product(x,
+// packed, scale_zero, group_size): x @ w.T as int4_matmul's arithmetic, as a matrix product (AVX-512 VNNI only).
 TORCH_LIBRARY_FRAGMENT(qwen, m) {
   m.def("int4_matmul(Tensor x, Tensor packed, Tensor scale_zero, int group_size, bool avx2=False) -> Tensor");
   m.def("int4_dequantize(Tensor packed, Tensor scale_zero, int group_size, ScalarType dtype) -> Tensor");
   m.def("int4_dequantize_into(Tensor packed, Tensor scale_zero, int group_size, Tensor(a!) out) -> ()");
+  m.def("int4_product(Tensor x, Tensor packed, Tensor scale_zero, int group_size) -> Tensor");
 }
 TORCH_LIBRARY_IMPL(qwen, CPU, m) {
   m.impl("int4_matmul", &int4_matmul);
   m.impl("int4_dequantize", &int4_dequantize);
   m.impl("int4_dequantize_into", &int4_dequantize_into);
+  m.impl("int4_product", &int4_product);
 }

@@ -53,16 +53,20 @@ def dequantized_linear(flat: torch.Tensor, out_features: int, rows: Callable[[in
 
 BLOCK = 32  # input channels per scale in qwen's block format (llama.cpp's Q8_0 and Q4_0 blocks)
 
-VNNI = torch.cpu._is_vnni_supported()
+# AVX-512 VNNI, unless ATEN_CPU_CAPABILITY has PyTorch and qwen's kernels dispatch as on a CPU without AVX-512.
+VNNI = torch.cpu._is_vnni_supported() and torch.backends.cpu.get_cpu_capability() == "AVX512"
 
 
 def integer_prompts(dtype: torch.dtype) -> bool:
-    """Whether a prompt's tokens (activations of ``dtype``) take the block kernel's integer matrix product (AVX-512
-    VNNI: activations quantized to int8 per block of 32, as a decode step's, so each token's output is the same to
-    the bit as decoding it) rather than the dequantized weight in PyTorch's matmul. The product wins wherever that
+    """Whether a prompt's tokens (activations of ``dtype``) take qwen's integer matrix products rather than the
+    dequantized weight in PyTorch's matmul: the block kernel's (activations quantized to int8 per block of 32, as a
+    decode step's, so each token's output is the same to the bit as decoding it) and the int4 kernel's for groups of
+    128 (int8 activations per 128 channels, as its decode kernel; the float sums round apart from it, so an
+    ``Int4Linear`` still chooses by the tokens each sequence brings). The product wins wherever that
     matmul has no AMX (bench/int8_kernel.py, 2-core Intel Xeon, 2026-12-07, Qwen-1.8B's layer shapes at 512 rows:
     2.5-3.7x oneDNN's bf16 matmul held to AVX-512 BF16; about 2x its fp32 one, AMX or not); oneDNN's bf16 matmul on
-    AMX is 1.8-3.6x the product. ``QWEN_INT8_VNNI=0`` (the kernel's float path) keeps prompts dequantized."""
+    AMX is 1.8-3.6x the product (bench/int4_kernel.py, the int4 kernel's: 2.9-4.0x the dequantized path without
+    AMX, 0.4-1.1x with it). ``QWEN_INT8_VNNI=0`` (the block kernel's float path) keeps every prompt dequantized."""
     amx = dtype == torch.bfloat16 and ONEDNN_AMX
     return VNNI and not amx and os.environ.get("QWEN_INT8_VNNI") != "0"
 
@@ -327,6 +331,8 @@ class Int4Linear(nn.Module):
                          self.scale_and_offset).to(x.dtype)
         elif one_token_each(x):
             out = torch.ops.qwen.int4_matmul(flat, self.packed, self.scale_and_offset, self.group_size)
+        elif integer_prompts(x.dtype):
+            out = torch.ops.qwen.int4_product(flat, self.packed, self.scale_and_offset, self.group_size)
         else:
             out = dequantized_linear(flat, self.out_features, lambda start, end: self._dequantize(start, end, x.dtype))
         out = out.reshape(*x.shape[:-1], self.out_features)
