@@ -83,9 +83,9 @@ def one_token_each(x: torch.Tensor) -> bool:
     however many sequences; or 2-D rows, one per sequence, as an lm_head over last positions gets). A prompt's
     tokens (``[batch, tokens > 1, in]``) take the dequantized weight (bf16: PyTorch's matmul) and one matmul: the
     kernels are matrix-vector loops whose time grows with every row (a 2048x5504 int8 layer: 5.7 ms at 32 rows
-    against 9.0 ms dequantized, 172 against 27 ms at 1024), except the block kernel's integer matrix product,
-    which gives each row the decode step's bits (see ``qwen.quantization.layers.integer_prompts`` for where a
-    prompt takes it). The two paths round differently, so choosing by the
+    against 9.0 ms dequantized, 172 against 27 ms at 1024), or qwen's integer matrix products where
+    ``qwen.quantization.layers.integer_prompts`` (the block kernel's gives each row a decode step's bits; the
+    int4 kernel's does not). The paths round differently, so choosing by the
     tokens each sequence brings, not by the batch's row count, keeps a request's numbers (and its greedy reply)
     the same whoever is batched with it; the engine never prefills one column alone. Within ``decode_rows``,
     always."""

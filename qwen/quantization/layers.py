@@ -2,8 +2,9 @@
 
 Decoding one token reads every weight once, so on a CPU its speed is set by memory bandwidth: int8 weights move
 half the bytes of bf16, 4-bit ones a quarter. In a decode step (one token per sequence, see ``one_token_each``) a
-layer multiplies its quantized weight directly; for a prompt's tokens too where ``integer_prompts`` (block layers
-on CPUs with AVX-512 VNNI whose matmul has no AMX), else it dequantizes a few MiB at a time and runs one matmul.
+layer multiplies its quantized weight directly; a prompt's tokens take qwen's integer matrix products where
+``integer_prompts`` (CPUs with AVX-512 VNNI whose bf16 matmul has no AMX), else the weight dequantized a few MiB at
+a time and one matmul.
 
 * ``BlockLinear``: blocks of 32 input channels with one bf16 scale each, 8 bits (llama.cpp's Q8_0) or 4 bits
   (Q4_0), on qwen's AVX-512 block kernel (``qwen/csrc/block_matvec.cpp``, compiled once per machine on first use),
