@@ -57,9 +57,8 @@ BF16_AMX = os.environ.get("QWEN_BF16_AMX", "1") != "0" and torch.cpu._is_amx_til
 
 # Whether PyTorch's matmul (oneDNN) multiplies bf16 on AMX tiles: a CPU with AMX, unless ONEDNN_MAX_CPU_ISA holds
 # oneDNN to an instruction set without it (e.g. AVX512_CORE_BF16, to compare with a CPU that has none).
-ONEDNN_AMX = torch.cpu._is_amx_tile_supported() and (
-    os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper() in ("ALL", "DEFAULT")
-    or "AMX" in os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper())
+_ONEDNN_ISA = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+ONEDNN_AMX = torch.cpu._is_amx_tile_supported() and (_ONEDNN_ISA in ("ALL", "DEFAULT") or "AMX" in _ONEDNN_ISA)
 
 
 _rows = threading.local()

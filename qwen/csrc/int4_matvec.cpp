@@ -311,6 +311,9 @@ constexpr int kProductVectors = 2;                      // 16 outputs each
 constexpr int64_t kProductPanel = 16 * kProductVectors;  // outputs per panel
 constexpr int kProductRows = 4;                         // activation rows per pass over a panel
 
+// Lanes [0, n) of 16.
+inline __mmask16 lanes(int64_t n) { return n >= 16 ? 0xFFFF : n > 0 ? static_cast<__mmask16>((1u << n) - 1) : 0; }
+
 // Output rows [n0, n0 + 32): quad (b, t) (channels b * 128 + 4t ... + 3) of outputs n0 + 16 v + i in lane i of
 // w[(b * 32 + t) * 2 + v]; s[(b * 2 + v)] and sz[...] the per-output (s, s * z) of block b's group. Zero past N.
 // (Plain bytes and floats, not vectors of __m512i: this file is built without AVX-512 flags, so std::vector's
@@ -331,7 +334,7 @@ QWEN_AVX512 void fill_panel4(const Weights& wt, int64_t K, int64_t N, int64_t n0
   for (int v = 0; v < kProductVectors; ++v) {
     const int64_t n = n0 + 16 * v, valid = std::min<int64_t>(16, N - n);
     if (valid <= 0) break;
-    const __mmask16 mask = valid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << valid) - 1);
+    const __mmask16 mask = lanes(valid);
     const uint8_t* rows = wt.packed + n * row_bytes;
     for (int64_t b = 0; b < blocks; ++b) {
       for (int t = 0; t < 16; ++t) {  // bytes 4t ... 4t + 3 of the block: quad t (low nibbles), t + 16 (high)
@@ -381,11 +384,8 @@ QWEN_AVX512 void panel4_rows(const Acts& x, int64_t m0, const Panel4& p, int64_t
     }
   }
   for (int m = 0; m < ROWS; ++m) {
-    for (int v = 0; v < kProductVectors; ++v) {
-      const int64_t left = valid - 16 * v;
-      const __mmask16 mask = left >= 16 ? 0xFFFF : left > 0 ? static_cast<__mmask16>((1u << left) - 1) : 0;
-      _mm512_mask_storeu_ps(out + (m0 + m) * ldo + 16 * v, mask, acc[m][v]);
-    }
+    for (int v = 0; v < kProductVectors; ++v)
+      _mm512_mask_storeu_ps(out + (m0 + m) * ldo + 16 * v, lanes(valid - 16 * v), acc[m][v]);
   }
 }
 
